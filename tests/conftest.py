@@ -1,0 +1,61 @@
+"""Shared fixtures: composed configs, a tiny tokenizer and tiny models (all built locally, fast)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = str(REPO / "configs")
+
+# Small enough for fast tests, same architecture family as the embedded default.
+TEST_ARCH = {
+    "model_type": "qwen2",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from train.model_zoo import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def compose(tmp_path, model_cache):
+    """compose(overrides) -> the run config, with run_dir in tmp, W&B off and the test-size model."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    def _compose(overrides=(), test_model: bool = True):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        with open_dict(cfg):
+            cfg.run_dir = cfg.run_dir or str(tmp_path / "run")
+            if not any(o.startswith("logger.mode=") for o in overrides):
+                cfg.logger.mode = "disabled"
+            if cfg.model.get("tiny") is not None:
+                cfg.model.cache_dir = str(model_cache)
+                if test_model:
+                    cfg.model.tiny.arch = dict(TEST_ARCH)
+        return cfg
+
+    return _compose

@@ -1,0 +1,46 @@
+import random
+import re
+
+from data_pipelines.arithmetic import FILLER_SENTENCES, ArithmeticSpec, generate, make_problem
+
+
+def _evaluate(question: str) -> int:
+    numbers = [int(n) for n in re.findall(r"\d+", question)]
+    value = numbers[0]
+    ops = re.findall(r"gets \d+ more|gives away \d+|[+-] \d+", question)
+    for op, n in zip(ops, numbers[1:]):
+        value = value + n if ("more" in op or op.startswith("+")) else value - n
+    return value
+
+
+def test_answers_are_correct_and_reasoning_ends_with_them():
+    spec = ArithmeticSpec(digits=3, num_ops=3, verbosity=0.5)
+    rng = random.Random(0)
+    for _ in range(200):
+        problem = make_problem(rng, spec)
+        assert int(problem["answer"]) == _evaluate(problem["question"]) >= 0
+        reasoning = problem["reasoning"]
+        for filler in FILLER_SENTENCES:
+            reasoning = reasoning.replace(" " + filler, "")
+        assert reasoning.endswith(f"= {problem['answer']}.")
+
+
+def test_difficulty_and_verbosity_knobs():
+    easy = generate(ArithmeticSpec(digits=1, num_ops=1), 50, seed=0)
+    hard = generate(ArithmeticSpec(digits=3, num_ops=3), 50, seed=0)
+    mean_len = lambda rows: sum(len(r["messages"][1]["reasoning_content"]) for r in rows) / len(rows)
+    assert mean_len(hard) > 3 * mean_len(easy)
+    verbose = generate(ArithmeticSpec(verbosity=1.0), 20, seed=0)
+    for row in verbose:
+        reasoning = row["messages"][1]["reasoning_content"]
+        fillers = row["filler_sentences"][0]
+        assert fillers and all(f in FILLER_SENTENCES and f in reasoning for f in fillers)
+    assert all(r["filler_sentences"] == [[]] for r in generate(ArithmeticSpec(verbosity=0.0), 20, seed=0))
+
+
+def test_multi_turn_and_reproducibility():
+    rows = generate(ArithmeticSpec(turns=3), 5, seed=7)
+    assert [m["role"] for m in rows[0]["messages"]] == ["user", "assistant"] * 3
+    assert rows[0]["answer"] == rows[0]["turn_answers"][-1]
+    assert rows == generate(ArithmeticSpec(turns=3), 5, seed=7)
+    assert rows != generate(ArithmeticSpec(turns=3), 5, seed=8)

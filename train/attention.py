@@ -1,0 +1,75 @@
+"""Attention backends for packed rows, all derived from one span description (data_pipelines/packing.py).
+
+- ``sdpa``: an explicit dense boolean mask [rows, 1, seq, seq] handed to the model as a 4D mask, which
+  transformers passes unchanged to ``scaled_dot_product_attention``. Exact; the CPU reference.
+- ``flex``: a FlexAttention ``BlockMask`` built from the same segment table (skips fully masked blocks; the
+  intended GPU path for arbitrary structure such as the multi-turn mask). torch 2.13 has no FlexAttention
+  backward on CPU, so on CPU it is for forward passes only.
+- ``flash``: flash-attn varlen, for plain packing only (every document one self-visible segment): no mask is
+  passed and transformers derives the sequence boundaries from the restarting ``position_ids``. GPU only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from data_pipelines.packing import PackedBatch
+
+BACKENDS = ("sdpa", "flex", "flash")
+
+
+def check_backend(backend: str, device: torch.device | str) -> None:
+    """Raise before any work if ``backend`` cannot run on ``device``."""
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"model.attn_backend={backend!r} is not one of {list(BACKENDS)}")
+    if backend == "flash":
+        if device.type != "cuda":
+            raise ValueError(
+                "model.attn_backend=flash needs a CUDA GPU (flash-attn kernels); on this machine use "
+                "model.attn_backend=sdpa (exact, CPU) or flex"
+            )
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("model.attn_backend=flash needs the flash-attn package: pip install '.[gpu]'")
+
+
+def allowed(segment_ids: torch.Tensor, visibility: torch.Tensor) -> torch.Tensor:
+    """Dense mask [rows, seq, seq]: allowed(q, k) = k <= q and visibility[segment[q], segment[k]]."""
+    rows, seq = segment_ids.shape
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
+    batch_index = torch.arange(rows, device=segment_ids.device)[:, None, None]
+    visible = visibility[batch_index, segment_ids[:, :, None], segment_ids[:, None, :]]  # [rows, seq, seq]
+    return visible & causal
+
+
+def block_mask(segment_ids: torch.Tensor, visibility: torch.Tensor, block_size: int = 128):
+    """FlexAttention BlockMask of the same rule as ``allowed``."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, k):
+        return (k <= q) & visibility[b, segment_ids[b, q], segment_ids[b, k]]
+
+    rows, seq = segment_ids.shape
+    return create_block_mask(
+        mask_mod, rows, None, seq, seq, device=segment_ids.device, BLOCK_SIZE=min(block_size, seq)
+    )
+
+
+def model_inputs(batch: PackedBatch, backend: str) -> dict:
+    """Keyword arguments for a Hugging Face causal LM forward on ``batch`` under ``backend``."""
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
+    if backend == "sdpa":
+        inputs["attention_mask"] = allowed(batch.segment_ids, batch.visibility)[:, None]
+    elif backend == "flex":
+        inputs["attention_mask"] = block_mask(batch.segment_ids, batch.visibility)
+    elif backend == "flash":
+        if not batch.plain:
+            raise ValueError(
+                "model.attn_backend=flash runs plain packed documents only; rows with a multi-segment mask "
+                "(single-pass multi-turn) need model.attn_backend=flex (GPU) or sdpa"
+            )
+    else:
+        raise ValueError(f"model.attn_backend={backend!r} is not one of {list(BACKENDS)}")
+    return inputs

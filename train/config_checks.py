@@ -1,0 +1,68 @@
+"""Config validation that runs before any expensive work (model build, data generation, training).
+
+Each message names the config key and the fix.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from data_pipelines.loading import check_files
+from train.attention import BACKENDS, check_backend
+from train.runtime import resolve_device, resolve_precision
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Every mandatory (``???``) value must be set."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing required config value(s): {', '.join(missing)}; set them on the command line, e.g. {missing[0]}=...")
+
+
+def check_common(cfg: DictConfig) -> None:
+    check_missing(cfg)
+    t = cfg.trainer
+    _require(t.lr > 0, f"trainer.lr={t.lr} must be > 0")
+    _require(t.weight_decay >= 0, f"trainer.weight_decay={t.weight_decay} must be >= 0")
+    _require(t.warmup_steps >= 0, f"trainer.warmup_steps={t.warmup_steps} must be >= 0")
+    _require(0 <= t.min_lr_ratio <= 1, f"trainer.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _require(t.grad_accum >= 1, f"trainer.grad_accum={t.grad_accum} must be >= 1")
+    _require(t.rows_per_micro_batch >= 1, f"trainer.rows_per_micro_batch={t.rows_per_micro_batch} must be >= 1")
+    _require(t.max_grad_norm >= 0, f"trainer.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
+    _require(t.max_steps is not None or t.epochs is not None, "set trainer.max_steps or trainer.epochs")
+    if t.max_steps is not None:
+        _require(t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1 (or null to use trainer.epochs)")
+    elif t.epochs is not None:
+        _require(t.epochs > 0, f"trainer.epochs={t.epochs} must be > 0")
+    _require(t.eval_every >= 0 and t.save_every >= 0, "trainer.eval_every and trainer.save_every must be >= 0")
+    _require(cfg.logger.mode in ("offline", "online", "disabled"), f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")
+    _require(cfg.model.attn_backend in BACKENDS, f"model.attn_backend={cfg.model.attn_backend!r} must be one of {list(BACKENDS)}")
+    device = resolve_device(cfg.cluster.device)
+    resolve_precision(t.precision, device)
+    check_backend(cfg.model.attn_backend, device)
+    d = cfg.data
+    _require(d.source in ("synthetic", "files"), f"data.source={d.source!r} must be 'synthetic' or 'files'")
+    _require(d.max_seq_len >= 8, f"data.max_seq_len={d.max_seq_len} is too small")
+    _require(
+        t.row_tokens >= d.max_seq_len,
+        f"trainer.row_tokens={t.row_tokens} < data.max_seq_len={d.max_seq_len}: a row must hold the longest document; "
+        "raise trainer.row_tokens or lower data.max_seq_len",
+    )
+    if d.source == "files":
+        _require(len(d.train_files) > 0, "data.train_files is empty: give at least one jsonl/parquet file")
+        check_files(d.train_files, "data.train_files")
+        check_files(d.eval_files, "data.eval_files")
+
+
+def check_sft(cfg: DictConfig) -> None:
+    check_common(cfg)
+    _require(cfg.algorithm.name == "sft", f"algorithm={cfg.algorithm.name} is not an SFT algorithm")
