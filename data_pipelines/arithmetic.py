@@ -70,15 +70,13 @@ def _column_steps(a: int, b: int, op: str) -> list[str]:
         y = int(db[i]) if i < len(db) else 0
         if op == "+":
             total = x + y + carry
-            steps.append(f"{x} + {y} + {carry} = {total}, write {total % 10} carry {total // 10}.")
+            steps.append(f"{x}+{y}+{carry}={total}.")
             carry = total // 10
         else:
             diff = x - y - carry
             borrow = 1 if diff < 0 else 0
-            steps.append(f"{x} - {y} - {carry} = {diff + 10 * borrow}, borrow {borrow}.")
+            steps.append(f"{x}-{y}-{carry}={diff + 10 * borrow}" + (" borrow 1." if borrow else "."))
             carry = borrow
-    if op == "+" and carry:
-        steps.append(f"Final carry {carry}.")
     return steps
 
 
@@ -105,10 +103,10 @@ def make_problem(rng: random.Random, spec: ArithmeticSpec) -> dict:
             op = "+"
         n = rng.randint(lo, min(hi, value)) if op == "-" else rng.randint(lo, hi)
         big, small = (value, n)
-        steps.append(f"Compute {big} {op} {n}.")
+        steps.append(f"{big}{op}{n}:")
         steps.extend(_column_steps(big, small, op))
         value = value + n if op == "+" else value - n
-        steps.append(f"So {big} {op} {n} = {value}.")
+        steps.append(f"So {big}{op}{n}={value}.")
         operands.append(n)
         ops.append(op)
     reasoning = []

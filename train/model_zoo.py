@@ -83,7 +83,7 @@ def build_tiny_model(tokenizer, arch: dict, seed: int = 0):
 
 def embedded_model_path(cache_dir: str | os.PathLike, arch: dict, vocab_size: int, seed: int) -> Path:
     """Build (once) and save the embedded tiny model; the directory name is a hash of what defines it."""
-    key = json.dumps({"arch": arch, "vocab_size": vocab_size, "seed": seed, "version": 1}, sort_keys=True)
+    key = json.dumps({"arch": arch, "vocab_size": vocab_size, "seed": seed, "version": 2}, sort_keys=True)
     path = Path(cache_dir) / f"tiny-{arch['model_type']}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if (path / "config.json").exists():
         return path

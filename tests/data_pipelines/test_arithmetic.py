@@ -22,7 +22,7 @@ def test_answers_are_correct_and_reasoning_ends_with_them():
         reasoning = problem["reasoning"]
         for filler in FILLER_SENTENCES:
             reasoning = reasoning.replace(" " + filler, "")
-        assert reasoning.endswith(f"= {problem['answer']}.")
+        assert reasoning.endswith(f"={problem['answer']}.")
 
 
 def test_difficulty_and_verbosity_knobs():
