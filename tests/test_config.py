@@ -16,7 +16,7 @@ def test_quickstart_composes_with_overrides(compose):
     assert cfg.algorithm.name == "sft" and cfg.algorithm.recipe == "sft"
     assert cfg.trainer.lr == 1e-4
     assert cfg.data.synthetic.train.digits == 3
-    assert cfg.trainer.max_steps == 300  # set by the experiment file
+    assert cfg.trainer.max_steps == 1500  # set by the experiment file
     for group in ("model", "data", "algorithm", "trainer", "rollout", "logger", "cluster"):
         assert group in cfg
     check_sft(cfg)

@@ -10,6 +10,10 @@ import torch
 
 
 def resolve_device(name: str) -> torch.device:
+    """The training device; on CPU also flushes denormal floats to zero: once the loss is near zero, Adam's
+    moment estimates underflow into denormals, which x86 CPUs process ~20x slower (seen as steps slowing from
+    0.2 s to 4 s at the end of the quickstart)."""
+    torch.set_flush_denormal(True)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
