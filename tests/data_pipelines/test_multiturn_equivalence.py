@@ -8,6 +8,7 @@ token cross-entropies over all turns divided by the number of trained tokens, as
 
 import importlib.util
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,6 +25,18 @@ from train.model_zoo import ATTN_IMPLEMENTATIONS, build_tiny_model
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # FlexAttention has no backward on CPU (torch 2.13): forward-only there.
 HAS_BACKWARD = {"sdpa": True, "flex": DEVICE.type == "cuda", "flash": True}
+# Every flex batch gets this one shape: each new shape costs a compile (seconds on CPU), and the recompile
+# with dynamic shapes that torch makes after a shape change fails in the CPU flex template of torch 2.13
+# (CppCompileError 'cur_kvSplitSize4'); one static shape sidesteps both.
+FLEX_SEQ, FLEX_SEGMENTS = 1280, 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_compile_cache():
+    """Compile flex for this module's one shape, and leave no compiled shapes behind for other modules."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def _available(backend):
@@ -70,6 +83,26 @@ def _reference_loss(model, tokenizer, chats):
     return total / count
 
 
+def _sharp_model(tokenizer, model_type, seed):
+    """A random tiny model whose attention is sharp: at the default init (std 0.02) attention is nearly uniform,
+    so a wrong position id or a leaked reasoning token would change the loss by only ~1e-7."""
+    model = build_tiny_model(tokenizer, {**TEST_ARCH, "model_type": model_type}, seed=seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                param.mul_(20.0)
+    return model
+
+
+def _pad_segments(batch, num_segments):
+    """The same batch with a larger segment table (the extra segments hold no tokens)."""
+    rows, used, _ = batch.visibility.shape
+    assert used <= num_segments and batch.input_ids.shape[1] == FLEX_SEQ, "raise FLEX_SEQ / FLEX_SEGMENTS"
+    visibility = torch.zeros(rows, num_segments, num_segments, dtype=torch.bool)  # [rows, segments, segments]
+    visibility[:, :used, :used] = batch.visibility
+    return replace(batch, visibility=visibility)
+
+
 def _grads(model):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
@@ -79,7 +112,7 @@ def _grads(model):
 def test_single_pass_equals_per_turn_expansion(tiny_tokenizer, backend, seed, model_type):
     if not _available(backend):
         pytest.skip(f"{backend} needs a CUDA GPU with flash-attn")
-    model = build_tiny_model(tiny_tokenizer, {**TEST_ARCH, "model_type": model_type}, seed=seed).to(DEVICE)
+    model = _sharp_model(tiny_tokenizer, model_type, seed).to(DEVICE)
     rows = _random_rows(seed)
     chats = [chat for row in rows for chat in row]
     backward = HAS_BACKWARD[backend]
@@ -98,7 +131,10 @@ def test_single_pass_equals_per_turn_expansion(tiny_tokenizer, backend, seed, mo
     # flash-attn varlen runs plain packing only: the per-turn expansion, packed without duplication
     layouts = {"per_turn": per_turn} if backend == "flash" else {"single_pass": single_pass, "per_turn": per_turn}
     for name, documents in layouts.items():
-        batch = collate(documents, tiny_tokenizer.pad_token_id).to(DEVICE)
+        batch = collate(documents, tiny_tokenizer.pad_token_id, pad_to=FLEX_SEQ if backend == "flex" else None)
+        if backend == "flex":
+            batch = _pad_segments(batch, FLEX_SEGMENTS)
+        batch = batch.to(DEVICE)
         assert batch.plain == (name == "per_turn")
         model.zero_grad()
         with torch.set_grad_enabled(backward):
