@@ -67,3 +67,28 @@ def test_zero_stages_match_single_process(ray_session, model_cache, tiny_tokeniz
         assert weights.keys() == reference.keys()
         for name in reference:
             torch.testing.assert_close(weights[name], reference[name], rtol=1e-5, atol=1e-6, msg=f"ZeRO-{stage}: {name}")
+
+
+def test_weight_sync_makes_rollout_logits_equal_the_trainers(ray_session, model_cache, tiny_tokenizer):
+    from train.actors import TrainerGroup
+    from train.rollout_worker import RolloutWorker
+
+    cfg = OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": {"vocab_size": 384, "seed": 6, "arch": TEST_ARCH}})
+    path = str(resolve_model_path(cfg))
+    batches, extras, normaliser = _batches(tiny_tokenizer)
+    group = TrainerGroup(2, path, "sdpa", {**TRAINER, "zero_stage": 3}, micro_batches_per_rank=2)
+    worker = ray.remote(RolloutWorker).remote(path)
+    first_doc = int((batches[0].doc_ids[0] == 0).sum())
+    ids = batches[0].input_ids[:1, :first_doc]  # the first document of the packed row, alone
+    before = ray.get(worker.logits.remote(ids))
+    group.train_step(batches, _policy_gradient_sum, normaliser, extras)
+    weights = group.full_state_dict()  # gathered from ZeRO-3 shards
+    assert ray.get(worker.load_weights.remote(weights, 1)) == 1
+    after = ray.get(worker.logits.remote(ids))
+    trainer_logprobs = group.logprobs([batches[0], batches[1]])[0]
+    group.shutdown()
+    assert not torch.allclose(before, after)
+    expected = torch.log_softmax(after[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+    torch.testing.assert_close(trainer_logprobs[0, : ids.shape[1] - 1], expected, rtol=1e-5, atol=1e-5)
+    rollouts = ray.get(worker.generate.remote(["<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n"], 3, 8, 1.0, 1.0, 0))
+    assert len(rollouts) == 3 and all(r.policy_version == 1 and 0 < len(r.response_ids) <= 8 for r in rollouts)
