@@ -36,3 +36,26 @@ def sft_loss_sum(model, batch: PackedBatch, backend: str) -> tuple[torch.Tensor,
     targets = batch.labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def per_document(values: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather the loss-token entries of ``values`` [rows, seq-1] into one row per document.
+
+    Returns (``out`` [num_docs, max_loss_tokens], ``mask`` [num_docs, max_loss_tokens]) in the order of
+    ``batch.sample_ids``, so that per-sequence losses (algorithms/) can run on packed rows: position t of a
+    row predicts token t+1, which belongs to document ``doc_ids[:, t+1]``.
+    """
+    trained = batch.labels[:, 1:] != IGNORE_INDEX  # [rows, seq-1]
+    doc = batch.doc_ids[:, 1:][trained]  # [n] document of each trained position, row-major = sequence order
+    picked = values[trained]  # [n]
+    num_docs = len(batch.sample_ids)
+    counts = torch.bincount(doc, minlength=num_docs)  # [docs]
+    width = int(counts.max()) if len(counts) else 0
+    order = torch.argsort(doc, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(doc), device=values.device) - starts[doc[order]]
+    out = values.new_zeros(num_docs, width)
+    mask = torch.zeros(num_docs, width, dtype=torch.bool, device=values.device)
+    out[doc[order], slot] = picked[order]
+    mask[doc[order], slot] = True
+    return out, mask

@@ -76,3 +76,17 @@ def test_packed_logits_equal_logits_alone(tiny_tokenizer, backend):
                 alone = model(input_ids=torch.tensor([by_id[sample_id].input_ids])).logits[0]
                 torch.testing.assert_close(packed[row[0], cols], alone, rtol=1e-5, atol=1e-5)
             model.config._attn_implementation = {"sdpa": "sdpa", "flex": "flex_attention"}[backend]
+
+
+def test_per_document_gathers_each_documents_trained_positions():
+    from train.forward import per_document
+
+    docs = [Document([1, 2, 3, 4], [False, False, True, True], sample_id="a"),
+            Document([5, 6, 7], [False, True, True], sample_id="b"),
+            Document([8, 9], [False, True], sample_id="c")]
+    batch = collate([[docs[0], docs[1]], [docs[2]]], pad_token_id=0)
+    values = torch.arange(2 * 6, dtype=torch.float).reshape(2, 6)  # position t of the row, seq-1 = 6
+    out, mask = per_document(values, batch)
+    # a: tokens 3,4 at row positions 2,3 -> predicted from positions 1,2; b: tokens 6,7 at 5,6 -> 4,5; c: token 9 at 1 -> 0
+    assert out.tolist() == [[1.0, 2.0], [4.0, 5.0], [6.0, 0.0]]
+    assert mask.tolist() == [[True, True], [True, True], [True, False]]
