@@ -53,3 +53,60 @@ class TrainerGroup:
     def shutdown(self) -> None:
         for rank in self.ranks:
             ray.kill(rank)
+
+
+class RolloutPool:
+    """``num_workers`` RolloutWorker actors sharing the prompts of a step.
+
+    A worker that dies mid-step is replaced by a fresh actor with the current weights, and its unfinished
+    prompts are generated again there: every prompt is answered exactly once per step (results are keyed by
+    prompt index), and the replacement is counted in ``restarts``.
+    """
+
+    def __init__(self, num_workers: int, model_path: str, seed: int = 0, num_cpus_per_worker: float = 1,
+                 num_gpus_per_worker: float = 0, max_restarts_per_step: int = 3):
+        from train.rollout_worker import RolloutWorker
+
+        self._actor = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(RolloutWorker)
+        self.model_path, self.seed, self.max_restarts_per_step = model_path, seed, max_restarts_per_step
+        self.workers = [self._actor.remote(model_path, seed + i) for i in range(num_workers)]
+        self.weights_ref, self.version, self.restarts = None, 0, 0
+
+    def _replace(self, index: int) -> None:
+        worker = self._actor.remote(self.model_path, self.seed + index)
+        if self.weights_ref is not None:
+            ray.get(worker.load_weights.remote(self.weights_ref, self.version))
+        self.workers[index] = worker
+        self.restarts += 1
+
+    def sync(self, state_dict: dict, version: int) -> None:
+        """Weight sync: put the weights in the object store once; every worker loads that version."""
+        self.weights_ref, self.version = ray.put(state_dict), version
+        ray.get([w.load_weights.remote(self.weights_ref, version) for w in self.workers])
+
+    def generate(self, prompts: list[str], group_size: int, seed: int, **sampling) -> list:
+        """All rollouts of ``prompts`` (group_size each), grouped by prompt in prompt order."""
+        n = len(self.workers)
+        bounds = [(len(prompts) * i // n, len(prompts) * (i + 1) // n) for i in range(n)]
+        todo = {i: b for i, b in enumerate(bounds) if b[1] > b[0]}
+        done: dict[int, list] = {}
+        failures = 0
+        while todo:
+            refs = {
+                self.workers[i].generate.remote(prompts[lo:hi], group_size, seed=seed + lo, prompt_offset=lo, **sampling): i
+                for i, (lo, hi) in todo.items()
+            }
+            for ref, i in refs.items():
+                try:
+                    done[todo[i][0]] = ray.get(ref)
+                    del todo[i]
+                except ray.exceptions.RayActorError:
+                    failures += 1
+                    if failures > self.max_restarts_per_step:
+                        raise RuntimeError(f"rollout workers died {failures} times in one step; giving up") from None
+                    self._replace(i)  # its prompts stay in `todo` and run again on the replacement
+        return [r for lo in sorted(done) for r in done[lo]]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)

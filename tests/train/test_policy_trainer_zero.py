@@ -92,3 +92,16 @@ def test_weight_sync_makes_rollout_logits_equal_the_trainers(ray_session, model_
     torch.testing.assert_close(trainer_logprobs[0, : ids.shape[1] - 1], expected, rtol=1e-5, atol=1e-5)
     rollouts = ray.get(worker.generate.remote(["<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n"], 3, 8, 1.0, 1.0, 0))
     assert len(rollouts) == 3 and all(r.policy_version == 1 and 0 < len(r.response_ids) <= 8 for r in rollouts)
+
+
+def test_killed_rollout_worker_is_replaced_and_every_prompt_answered_once(ray_session, model_cache):
+    from train.actors import RolloutPool
+
+    cfg = OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": {"vocab_size": 384, "seed": 7, "arch": TEST_ARCH}})
+    pool = RolloutPool(2, str(resolve_model_path(cfg)))
+    prompts = [f"<|im_start|>user\nWhat is {i} + 1?<|im_end|>\n<|im_start|>assistant\n" for i in range(5)]
+    ray.kill(pool.workers[1])  # dies before (or while) the step runs
+    rollouts = pool.generate(prompts, group_size=2, seed=0, max_new_tokens=4)
+    assert pool.restarts == 1
+    assert [r.prompt_index for r in rollouts] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    pool.shutdown()
