@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 from data_pipelines.arithmetic import ArithmeticSpec, generate
-from data_pipelines.chat_format import render_segments, split_reasoning, tokenize_segments
-from data_pipelines.packing import Document
+from data_pipelines.chat_format import split_reasoning
+from data_pipelines.multiturn import chat_documents
 from data_pipelines.validation import DataValidationError, validate_rows
 
 log = logging.getLogger(__name__)
@@ -77,18 +77,23 @@ def load_split(data_cfg, split: str, require_assistant: bool = True) -> list[dic
     return rows
 
 
-def tokenize_rows(rows: list[dict], tokenizer, max_seq_len: int, system_prompt: str | None = None):
-    """(documents, number of rows dropped because they exceed ``max_seq_len`` tokens)."""
+def tokenize_rows(rows: list[dict], tokenizer, max_seq_len: int, system_prompt: str | None = None,
+                  multi_turn: str = "single_pass"):
+    """(documents, number of rows dropped because they exceed ``max_seq_len`` tokens).
+
+    A chat becomes one document (``multi_turn=single_pass``: earlier answers duplicated, exact per-turn mask;
+    see data_pipelines/multiturn.py) or one document per assistant turn (``per_turn``); a one-turn chat is the
+    same ordinary document either way. A chat whose documents do not fit is dropped whole."""
     documents, dropped = [], 0
-    for row in rows:
+    for index, row in enumerate(rows):
         messages = row["messages"]
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        ids, loss, _ = tokenize_segments(tokenizer, render_segments(messages))
-        if len(ids) > max_seq_len:
+        docs = chat_documents(tokenizer, messages, multi_turn, row["id"], chat_index=index)
+        if max(len(d) for d in docs) > max_seq_len:
             dropped += 1
             continue
-        documents.append(Document(ids, loss, sample_id=row["id"]))
+        documents.extend(docs)
     if dropped:
         log.warning(
             "dropped %d of %d rows longer than data.max_seq_len=%d tokens (%.1f%%); raise data.max_seq_len to keep them",

@@ -27,7 +27,7 @@ Span description (read by every attention backend, train/attention.py):
 Labels (HF shift: the token before a loss token predicts it): the token before R_k's first token is the last
 token of X_k (the assistant header), and each later R_k token follows one of R_k, so every prediction is made
 from the same token, context and position as in turn k's expanded sequence. X_k must therefore be non-empty.
-Loss and gradients equal those of the per-turn expansion (tests/data_pipelines/test_multiturn.py).
+Loss and gradients equal those of the per-turn expansion (tests/data_pipelines/test_multiturn_equivalence.py).
 
 Entry points: ``document_from_messages`` (SFT, from a chat), ``document_from_prompts`` (RL, from per-turn
 prompt ids and generated response ids), ``build_document`` (the layout itself, from per-turn token pieces);
@@ -155,7 +155,8 @@ def chat_problems(messages) -> list[tuple[str, str]]:
             user_since_answer = True
         elif message["role"] == "assistant":
             if seen_assistant and not user_since_answer:
-                problems.append((f"messages[{i}].role", "assistant turn without a user turn since the previous assistant turn"))
+                reason = "assistant turn without a user turn since the previous assistant turn"
+                problems.append((f"messages[{i}].role", reason))
             user_since_answer, seen_assistant = False, True
     return problems
 

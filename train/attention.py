@@ -48,6 +48,11 @@ def block_mask(segment_ids: torch.Tensor, visibility: torch.Tensor, block_size: 
     """FlexAttention BlockMask of the same rule as ``allowed``."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    if segment_ids.device.type == "cpu":
+        # torch 2.13's CPU flex kernel fails to recompile with dynamic shapes when the sequence length changes
+        # between calls (CppCompileError 'cur_kvSplitSize'); compile each shape statically instead.
+        torch._dynamo.config.automatic_dynamic_shapes = False
+
     def mask_mod(b, h, q, k):
         return (k <= q) & visibility[b, segment_ids[b, q], segment_ids[b, k]]
 

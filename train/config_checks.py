@@ -8,6 +8,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.loading import check_files
+from data_pipelines.multiturn import check_mode
 from train.attention import BACKENDS, check_backend
 from train.runtime import resolve_device, resolve_precision
 
@@ -57,6 +58,8 @@ def check_common(cfg: DictConfig) -> None:
         f"trainer.row_tokens={t.row_tokens} < data.max_seq_len={d.max_seq_len}: a row must hold the longest document; "
         "raise trainer.row_tokens or lower data.max_seq_len",
     )
+    turns = d.synthetic.train.turns if d.source == "synthetic" else 2  # files: assume multi-turn chats may occur
+    check_mode(d.get("multi_turn", "single_pass"), cfg.model.attn_backend, max_turns=turns)
     if d.source == "files":
         _require(len(d.train_files) > 0, "data.train_files is empty: give at least one jsonl/parquet file")
         check_files(d.train_files, "data.train_files")
@@ -66,3 +69,43 @@ def check_common(cfg: DictConfig) -> None:
 def check_sft(cfg: DictConfig) -> None:
     check_common(cfg)
     _require(cfg.algorithm.name == "sft", f"algorithm={cfg.algorithm.name} is not an SFT algorithm")
+
+
+def check_rl(cfg: DictConfig) -> None:
+    """RL-specific checks (trainer world, ZeRO stage, rollout backend) on top of the common ones."""
+    import importlib.util
+    import os
+
+    import torch
+
+    check_missing(cfg)
+    _require(cfg.algorithm.get("recipe") == "rl", f"algorithm={cfg.algorithm.name} is not an RL algorithm")
+    t, r = cfg.trainer, cfg.rollout
+    for key in ("world_size", "micro_batches_per_rank", "ppo_epochs"):
+        _require(t.get(key) is not None, f"trainer.{key} is not set: RL runs need trainer=rl (or set trainer.{key})")
+    _require(t.lr > 0, f"trainer.lr={t.lr} must be > 0")
+    _require(t.max_steps is not None and t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
+    _require(t.zero_stage in (0, 1, 2, 3), f"trainer.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    _require(t.world_size >= 1, f"trainer.world_size={t.world_size} must be >= 1")
+    on_gpu = torch.cuda.is_available()
+    available = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)
+    if not cfg.cluster.get("ray_address"):  # a remote Ray cluster is checked by Ray's own scheduler
+        _require(
+            t.world_size <= available,
+            f"trainer.world_size={t.world_size} exceeds the {available} {'GPUs' if on_gpu else 'CPUs'} of this machine; "
+            "lower trainer.world_size or give cluster.ray_address of a larger Ray cluster",
+        )
+    _require(r.backend in ("hf", "vllm"), f"rollout.backend={r.backend!r} must be hf or vllm")
+    if r.backend == "vllm":
+        _require(on_gpu, "rollout.backend=vllm needs a CUDA GPU; use rollout.backend=hf on this machine")
+        _require(importlib.util.find_spec("vllm") is not None, "rollout.backend=vllm needs the vllm package installed")
+    _require(r.group_size >= 2, f"rollout.group_size={r.group_size} must be >= 2 (group-relative advantages need a group)")
+    _require(r.num_workers >= 1, f"rollout.num_workers={r.num_workers} must be >= 1")
+    _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
+    _require(
+        r.prompts_per_step * r.group_size >= t.world_size * t.micro_batches_per_rank,
+        f"rollout.prompts_per_step * rollout.group_size = {r.prompts_per_step * r.group_size} responses cannot fill "
+        f"trainer.world_size * trainer.micro_batches_per_rank = {t.world_size * t.micro_batches_per_rank} micro-batches",
+    )
+    _require(cfg.logger.mode in ("offline", "online", "disabled"), f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")
+    check_backend(cfg.model.attn_backend, "cuda" if on_gpu else "cpu")

@@ -86,7 +86,9 @@ def run(cfg: DictConfig) -> dict:
     eval_rows = load_split(cfg.data, "eval") if cfg.data.source == "synthetic" or cfg.data.eval_files else []
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    documents, dropped = tokenize_rows(train_rows, tokenizer, cfg.data.max_seq_len, cfg.data.system_prompt)
+    documents, dropped = tokenize_rows(
+        train_rows, tokenizer, cfg.data.max_seq_len, cfg.data.system_prompt, cfg.data.get("multi_turn", "single_pass")
+    )
     stream = PackedBatchStream(
         documents, cfg.trainer.row_tokens, cfg.trainer.rows_per_micro_batch, tokenizer.pad_token_id, cfg.seed
     )

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from data_pipelines.arithmetic import ArithmeticSpec, generate
-from data_pipelines.chat_format import IM_END, IM_START, THINK_CLOSE, THINK_OPEN, generation_prompt, render_segments, split_reasoning, tokenize_segments
+from data_pipelines.chat_format import (
+    IM_END,
+    IM_START,
+    THINK_CLOSE,
+    THINK_OPEN,
+    generation_prompt,
+    render_segments,
+    split_reasoning,
+    tokenize_segments,
+)
 from data_pipelines.multiturn import (
     MultiTurnChatError,
     build_document,
@@ -161,7 +170,8 @@ def _turn_pieces(doc):
     turns, pieces = token_turns(doc), []
     for k in range(max(turns) + 1):
         response_start = next(i for i, (turn, loss) in enumerate(zip(turns, doc.loss_mask)) if turn == k and loss)
-        prompt = [t for i, (t, s) in enumerate(zip(doc.input_ids, doc.segment_ids)) if s % 2 == 0 and s <= 2 * k and i < response_start]
+        chain = [i for i, s in enumerate(doc.segment_ids) if s % 2 == 0 and s <= 2 * k and i < response_start]
+        prompt = [doc.input_ids[i] for i in chain]
         response = [t for t, turn, loss in zip(doc.input_ids, turns, doc.loss_mask) if turn == k and loss]
         pieces.append((prompt, response))
     return pieces
@@ -178,7 +188,8 @@ def test_multi_turn_tokens_agree_with_generation_prompt(tiny_tokenizer):
         for (prompt, response), i in zip(pieces, assistant_at):
             assert prompt == encode(generation_prompt(messages[:i]))
             reasoning, answer = split_reasoning(messages[i])
-            assert response == encode(f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n") + encode(f"{answer}{IM_END}")
+            think = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n"
+            assert response == encode(think) + encode(f"{answer}{IM_END}")
 
 
 def test_rl_entry_point_from_token_ids_matches_the_chat_builder(tiny_tokenizer):
@@ -196,8 +207,11 @@ def test_rl_entry_point_from_token_ids_matches_the_chat_builder(tiny_tokenizer):
     assert rollout.input_ids == chat.input_ids[:-1] and rollout.position_ids == chat.position_ids[:-1]
     assert rollout.segment_ids == chat.segment_ids[:-1] and rollout.visibility == chat.visibility
     assert rollout.loss_mask == chat.loss_mask[:-1]
+    # RL: the loss tokens are the generated tokens of all turns in order (old log-probs line up with them)
+    assert [t for t, loss in zip(rollout.input_ids, rollout.loss_mask) if loss] == [t for r in responses for t in r]
     # a per-token response mask (e.g. a truncated turn left out of the loss)
-    masked = document_from_prompts(prompts, responses, [[True] * len(responses[0]), [False] * len(responses[1]), [True] * len(responses[2])])
+    keep = [[True] * len(responses[0]), [False] * len(responses[1]), [True] * len(responses[2])]
+    masked = document_from_prompts(prompts, responses, keep)
     assert sum(masked.loss_mask) == len(responses[0]) + len(responses[2])
     with pytest.raises(ValueError, match="prompt of turn 1 does not extend the prompt of turn 0"):
         document_from_prompts([prompts[0], prompts[1][1:]], responses[:2], sample_id="r")

@@ -46,3 +46,9 @@ def test_resume_continues_with_the_same_losses(compose, tmp_path):
     (ckpts / "latest").write_text("step_4")
     resumed = run(compose(FAST + [f"run_dir={tmp_path}/cut", "trainer.resume=auto"]))
     assert resumed["losses"] == full["losses"][4:]  # exact on CPU: same data position, RNG and optimizer state
+
+
+def test_multi_turn_chats_train_in_a_single_pass(compose, tmp_path):
+    summary = run(compose(FAST + [f"run_dir={tmp_path}/mt", "data.synthetic.train.turns=3", "data.multi_turn=single_pass",
+                                  "trainer.save_every=0"]))
+    assert summary["losses"][-1] < 0.75 * summary["losses"][0]
