@@ -147,3 +147,26 @@ def pack(documents: list[Document], row_tokens: int, rows_per_batch: int, pad_to
         group = rows[i : i + rows_per_batch]
         batches.append(collate([[documents[j] for j in row] for row in group], pad_token_id))
     return batches
+
+
+def pack_balanced(documents: list[Document], num_batches: int, row_tokens: int, pad_token_id: int) -> tuple[list[PackedBatch], list[list[int]]]:
+    """Split ``documents`` into exactly ``num_batches`` batches of near-equal token counts (longest-first
+    greedy), each packed into rows of ``row_tokens``. Returns the batches and, for each, the indices of its
+    documents in ``batch.sample_ids`` order. Used where the number of micro-batches is fixed (data-parallel
+    ranks x gradient-accumulation steps)."""
+    if len(documents) < num_batches:
+        raise ValueError(f"{len(documents)} documents cannot fill {num_batches} micro-batches; lower the micro-batch count")
+    bins: list[list[int]] = [[] for _ in range(num_batches)]
+    loads = [0] * num_batches
+    for i in sorted(range(len(documents)), key=lambda i: (-len(documents[i]), i)):
+        b = min(range(num_batches), key=lambda b: (loads[b], b))
+        bins[b].append(i)
+        loads[b] += len(documents[i])
+    batches, index = [], []
+    for members in bins:
+        members = sorted(members)
+        rows = pack_rows([len(documents[i]) for i in members], row_tokens)
+        ordered = [members[j] for row in rows for j in row]
+        batches.append(collate([[documents[members[j]] for j in row] for row in rows], pad_token_id))
+        index.append(ordered)
+    return batches, index

@@ -50,6 +50,15 @@ class TrainerGroup:
     def full_state_dict(self) -> dict:
         return ray.get([rank.full_state_dict.remote() for rank in self.ranks])[0]
 
+    def save_state(self, path: str) -> None:
+        ray.get([rank.save_state.remote(path) for rank in self.ranks])
+
+    def load_state(self, path: str) -> None:
+        ray.get([rank.load_state.remote(path) for rank in self.ranks])
+
+    def set_lr(self, lr: float) -> None:
+        ray.get([rank.set_lr.remote(lr) for rank in self.ranks])
+
     def shutdown(self) -> None:
         for rank in self.ranks:
             ray.kill(rank)
@@ -65,6 +74,8 @@ class RolloutPool:
 
     def __init__(self, num_workers: int, model_path: str, seed: int = 0, num_cpus_per_worker: float = 1,
                  num_gpus_per_worker: float = 0, max_restarts_per_step: int = 3):
+        if num_gpus_per_worker == 0 and num_cpus_per_worker < 1:
+            num_cpus_per_worker = 0  # colocated on CPU: Ray accepts 0 or a whole number here
         from train.rollout_worker import RolloutWorker
 
         self._actor = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(RolloutWorker)

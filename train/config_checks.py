@@ -99,12 +99,18 @@ def check_rl(cfg: DictConfig) -> None:
     if r.backend == "vllm":
         _require(on_gpu, "rollout.backend=vllm needs a CUDA GPU; use rollout.backend=hf on this machine")
         _require(importlib.util.find_spec("vllm") is not None, "rollout.backend=vllm needs the vllm package installed")
-    _require(r.group_size >= 2, f"rollout.group_size={r.group_size} must be >= 2 (group-relative advantages need a group)")
+    a = cfg.algorithm
+    _require(a.group_size >= 2, f"algorithm.group_size={a.group_size} must be >= 2 (group-relative advantages need a group)")
+    # Options of algorithms/ that the RL driver does not wire yet: refuse them rather than ignore them.
+    for key, default in (("dynamic_sampling", None), ("overlong_penalty", None), ("momentum", None), ("mask_truncated", False)):
+        _require(a.get(key, default) == default, f"algorithm.{key} is not supported by the RL recipe yet (train/rl.py); set algorithm.{key}={default}")
+    _require(not a.get("momentum_rollout", False), "algorithm=aapo (momentum rollouts) is not supported by the RL recipe yet")
+    _require(a.kl.placement == "loss", "algorithm.kl.placement=reward is not supported by the RL recipe yet; use algorithm.kl.placement=loss")
     _require(r.num_workers >= 1, f"rollout.num_workers={r.num_workers} must be >= 1")
     _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
     _require(
-        r.prompts_per_step * r.group_size >= t.world_size * t.micro_batches_per_rank,
-        f"rollout.prompts_per_step * rollout.group_size = {r.prompts_per_step * r.group_size} responses cannot fill "
+        r.prompts_per_step * a.group_size >= t.world_size * t.micro_batches_per_rank,
+        f"rollout.prompts_per_step * algorithm.group_size = {r.prompts_per_step * a.group_size} responses cannot fill "
         f"trainer.world_size * trainer.micro_batches_per_rank = {t.world_size * t.micro_batches_per_rank} micro-batches",
     )
     _require(cfg.logger.mode in ("offline", "online", "disabled"), f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")

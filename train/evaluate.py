@@ -6,6 +6,7 @@ import torch
 
 from data_pipelines.chat_format import generation_prompt
 from data_pipelines.loading import final_boxed
+from data_pipelines.prompts import prompt_messages
 
 
 @torch.no_grad()
@@ -57,10 +58,3 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size
             for p, t, row, c in list(zip(prompts, texts, rows, correct))[:8]
         ],
     }
-
-
-def prompt_messages(row: dict) -> list[dict]:
-    """The chat up to (not including) its last assistant turn: what the model must answer."""
-    messages = row["messages"]
-    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    return messages[: assistant_turns[-1]] if assistant_turns else messages

@@ -78,6 +78,8 @@ class PolicyTrainer:
         )
         import deepspeed
 
+        if not on_gpu:  # ranks share the machine's cores; more threads than cores makes every rank crawl
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         torch.manual_seed(seed)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
         self.rank, self.world_size, self.attn_backend = rank, world_size, attn_backend
@@ -141,3 +143,12 @@ class PolicyTrainer:
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def save_state(self, path: str) -> None:
+        """DeepSpeed state (sharded optimizer, lr scheduler, step) under ``path/deepspeed``; every rank calls."""
+        self.engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state", client_state={"version": self.version})
+
+    def load_state(self, path: str) -> None:
+        _, client = self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state")
+        self.version = int((client or {}).get("version", 0))

@@ -1,0 +1,32 @@
+"""Reference model worker: frozen weights, per-token log-probs on packed micro-batches (Ray actor or in-process).
+
+Also serves as AAPO's momentum model when given EMA updates (``ema_from``)."""
+
+from __future__ import annotations
+
+import torch
+
+from data_pipelines.packing import PackedBatch
+from train.forward import token_logprobs
+from train.model_zoo import load_model
+
+
+class ReferenceWorker:
+    def __init__(self, model_path: str, attn_backend: str = "sdpa", device: str = "cpu"):
+        self.device = torch.device(device)
+        self.attn_backend = attn_backend
+        self.model = load_model(model_path, attn_backend, torch.float32, self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, batches: list[PackedBatch]) -> list[torch.Tensor]:
+        return [token_logprobs(self.model, b.to(self.device), self.attn_backend)[0].cpu() for b in batches]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.named_parameters()}
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                param.copy_(state_dict[name])

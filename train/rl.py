@@ -1,0 +1,260 @@
+"""RL recipe (GRPO family, AAPO): the driver loop, as data flow between Ray actors.
+
+    prompts -> rollouts (RolloutPool) -> rewards -> (reference log-probs) -> advantages
+            -> policy update (TrainerGroup, DeepSpeed ZeRO) -> weight sync -> rollouts ...
+
+The math lives in algorithms/ and rewards/ (instantiated from cfg.algorithm / cfg.reward); distribution lives
+in the actors (train/actors.py). This file only orchestrates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from data_pipelines.loading import load_split
+from data_pipelines.packing import Document, pack_balanced
+from data_pipelines.prompts import PromptSampler, to_prompts
+from train import checkpoint
+from rewards.registry import build_reward
+from train.config_checks import check_rl
+from train.evaluate import evaluate
+from train.forward import per_document
+from train.model_zoo import load_model, load_tokenizer, resolve_model_path
+from train.run_logger import RunLogger
+from train.runtime import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cluster_cfg) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if cluster_cfg.get("ray_address"):
+        ray.init(address=cluster_cfg.ray_address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cluster_cfg.get("ray_num_cpus") or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+
+def placement(mode: str, on_gpu: bool) -> dict:
+    """Ray resource requests per actor kind. ``colocated``: rollout/reference actors share the trainer's devices
+    (the driver alternates phases, so they never compute at the same time); ``disaggregated``: each actor gets
+    a device (GPU) or CPU of its own."""
+    unit = "num_gpus" if on_gpu else "num_cpus"
+    if mode == "colocated":
+        shared = {"num_gpus": 0.5, "num_cpus": 0} if on_gpu else {"num_cpus": 0}
+        trainer = {"num_gpus_per_rank": 0.5, "num_cpus_per_rank": 1} if on_gpu else {"num_cpus_per_rank": 1}
+        rollout = {"num_gpus_per_worker": 0.5, "num_cpus_per_worker": 0} if on_gpu else {"num_cpus_per_worker": 0}
+        return {"trainer": trainer, "rollout": rollout, "reference": shared}
+    if mode == "disaggregated":
+        return {"trainer": {f"{unit}_per_rank": 1}, "rollout": {f"{unit}_per_worker": 1}, "reference": {unit: 1}}
+    raise ValueError(f"cluster.placement={mode!r} must be colocated or disaggregated")
+
+
+def rollouts_to_documents(rollouts) -> list[Document]:
+    """prompt + response as one document; the loss covers the response tokens only."""
+    return [
+        Document(r.prompt_ids + r.response_ids, [False] * len(r.prompt_ids) + [True] * len(r.response_ids), sample_id=str(i))
+        for i, r in enumerate(rollouts)
+    ]
+
+
+def make_loss_fn(objective, normalizer: float):
+    """Loss closure run on each trainer rank: per-document tensors from the packed rows, then the objective.
+    ``normalizer`` is the global count the aggregation divides by, so micro-batch losses add up exactly."""
+
+    def loss_fn(logprobs, entropy, batch, extra):
+        lp, mask = per_document(logprobs, batch)  # [docs, resp_len]
+        ent, _ = per_document(entropy, batch)
+        width = lp.shape[1]
+        old = extra["old_logprobs"][:, :width]
+        ref = extra["ref_logprobs"][:, :width] if extra.get("ref_logprobs") is not None else None
+        loss, metrics = objective(lp, old, extra["advantages"], mask, ref_logprobs=ref, normalizer=normalizer)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["entropy_sum"] = float((ent * mask).sum())
+        metrics["tokens"] = float(mask.sum())
+        return loss, metrics
+
+    return loss_fn
+
+
+def run(cfg: DictConfig) -> dict:
+    check_rl(cfg)
+    import ray
+
+    from train.actors import RolloutPool, TrainerGroup
+    from train.reference_worker import ReferenceWorker
+
+    run_dir = Path(cfg.run_dir)
+    seed_everything(cfg.seed)
+    t_cfg, r_cfg, a_cfg = cfg.trainer, cfg.rollout, cfg.algorithm
+
+    # Data and reward functions first: bad rows or reward settings fail before any actor starts.
+    prompts = to_prompts(load_split(cfg.data, "train", require_assistant=False), cfg.data.system_prompt)
+    eval_rows = load_split(cfg.data, "eval") if cfg.data.source == "synthetic" or cfg.data.eval_files else []
+    sampler = PromptSampler(prompts, r_cfg.prompts_per_step, cfg.seed)
+    reward_fn = build_reward(cfg.reward)
+    group_size = int(a_cfg.group_size)
+    advantage_fn = instantiate(a_cfg.advantage)
+    objective = instantiate(a_cfg.loss)
+
+    model_path = str(resolve_model_path(cfg.model))
+    tokenizer = load_tokenizer(model_path)
+    resume_from = checkpoint.resolve_resume(t_cfg.resume, run_dir)
+    start_path = str(resume_from) if resume_from else model_path
+    init_ray(cfg.cluster)
+
+    micro_batches = t_cfg.world_size * t_cfg.micro_batches_per_rank
+    res = placement(cfg.cluster.placement, torch.cuda.is_available())
+    trainer = TrainerGroup(t_cfg.world_size, start_path, cfg.model.attn_backend, OmegaConf.to_container(t_cfg),
+                           t_cfg.micro_batches_per_rank, cfg.seed, **res["trainer"])
+    pool = RolloutPool(r_cfg.num_workers, start_path, cfg.seed, **res["rollout"])
+    kl_beta = float(a_cfg.kl.beta)
+    reference = None
+    if kl_beta > 0:
+        reference = ray.remote(**res["reference"])(ReferenceWorker).remote(model_path, cfg.model.attn_backend)
+
+    step, version = 0, 0
+    if resume_from is not None:
+        state = checkpoint.load_trainer_state(resume_from)
+        trainer.load_state(str(resume_from))
+        sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        step = version = state["step"]
+        pool.sync(trainer.full_state_dict(), version)
+        log.info("resumed from %s at step %d", resume_from, step)
+
+    logger = RunLogger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    hf_model = load_model(model_path)  # the driver's copy, only for HF-format checkpoints and evaluation
+
+    def lr_at(s: int) -> float:
+        if s < t_cfg.warmup_steps:
+            return t_cfg.lr * (s + 1) / max(t_cfg.warmup_steps, 1)
+        progress = (s - t_cfg.warmup_steps) / max(t_cfg.max_steps - t_cfg.warmup_steps, 1)
+        return t_cfg.lr * (t_cfg.min_lr_ratio + (1 - t_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    def save(weights):
+        hf_model.load_state_dict(weights, strict=False)
+        path = checkpoint.save(run_dir, step, hf_model, tokenizer,
+                               {"sampler": sampler.state_dict(), "algorithm": a_cfg.name}, t_cfg.keep_last)
+        trainer.save_state(str(path))
+        return path
+
+    def run_eval(weights) -> dict:
+        if not eval_rows:
+            return {}
+        hf_model.load_state_dict(weights, strict=False)
+        result = evaluate(hf_model, tokenizer, eval_rows, r_cfg.max_new_tokens, r_cfg.batch_size)
+        logger.log_samples("eval/samples", result.pop("samples"), step)
+        logger.log(result, step)
+        return result
+
+    history, eval_result, weights = [], {}, None
+    initial_eval = run_eval(trainer.full_state_dict()) if t_cfg.eval_at_start and step == 0 else {}
+    progress = tqdm(total=t_cfg.max_steps, initial=step, desc=f"rl:{a_cfg.name}", dynamic_ncols=True)
+    while step < t_cfg.max_steps:
+        timing = {}
+        t = time.perf_counter()
+        batch = sampler.next()
+        rollouts = pool.generate([p.text for p in batch], group_size, seed=cfg.seed * 100_003 + step,
+                                 max_new_tokens=r_cfg.max_new_tokens, temperature=r_cfg.temperature, top_p=r_cfg.top_p)
+        timing["generation"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        owners = [batch[r.prompt_index] for r in rollouts]
+        rewards, components, _ = reward_fn(
+            [p.text for p in owners], [r.response_text for r in rollouts], [r.response_ids for r in rollouts],
+            [{**p.meta, "answer": p.answer, "truncated": r.truncated} for p, r in zip(owners, rollouts)],
+            step=step, group_size=group_size,
+        )
+        timing["reward"] = time.perf_counter() - t
+
+        documents = rollouts_to_documents(rollouts)
+        micro, members = pack_balanced(documents, micro_batches, t_cfg.row_tokens, tokenizer.pad_token_id)
+        t = time.perf_counter()
+        old = [per_document(lp, b)[0] for lp, b in zip(trainer.logprobs(micro), micro)]
+        timing["old_logprobs"] = time.perf_counter() - t
+        ref = [None] * len(micro)
+        if reference is not None:
+            t = time.perf_counter()
+            ref = [per_document(lp, b)[0] for lp, b in zip(ray.get(reference.logprobs.remote(micro)), micro)]
+            timing["reference"] = time.perf_counter() - t
+        advantages = advantage_fn(rewards, group_size)  # [num_rollouts]
+        extras = [{"advantages": advantages[torch.tensor(m)], "old_logprobs": o, "ref_logprobs": rf}
+                  for m, o, rf in zip(members, old, ref)]
+        response_tokens = sum(len(r.response_ids) for r in rollouts)
+        normalizer = {"token-mean": float(response_tokens)}.get(a_cfg.loss.aggregation.get("mode", "token-mean"), float(len(rollouts)))
+
+        t = time.perf_counter()
+        trainer.set_lr(lr_at(step))
+        stats = {}
+        for _ in range(t_cfg.ppo_epochs):
+            for rank_stats in trainer.train_step(micro, make_loss_fn(objective, normalizer), 1.0, extras):
+                for k, v in rank_stats.items():
+                    stats[k] = stats.get(k, 0.0) + v
+        timing["update"] = time.perf_counter() - t
+        step += 1
+
+        t = time.perf_counter()
+        weights = trainer.full_state_dict()
+        pool.sync(weights, step)
+        timing["weight_sync"] = time.perf_counter() - t
+
+        lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float)
+        metrics = {
+            "reward/total": rewards.mean().item(),
+            **{f"reward/{k}": v.float().mean().item() for k, v in components.items()},
+            "rollout/response_length_mean": lengths.mean().item(),
+            "rollout/response_length_p90": lengths.quantile(0.9).item(),
+            "rollout/clipped_fraction": sum(r.truncated for r in rollouts) / len(rollouts),
+            "rollout/policy_version": min(r.policy_version for r in rollouts),
+            "rollout/worker_restarts": pool.restarts,
+            "train/advantage_mean": advantages.mean().item(),
+            "train/advantage_std": advantages.std().item() if len(advantages) > 1 else 0.0,
+            "train/advantage_abs_mean": advantages.abs().mean().item(),
+            "train/loss": stats.get("loss_sum", 0.0) / t_cfg.ppo_epochs,
+            "train/entropy": stats.get("entropy_sum", 0.0) / max(stats.get("tokens", 1.0), 1.0),
+            "train/grad_norm": stats.get("grad_norm", float("nan")) / t_cfg.world_size,
+            "train/lr": lr_at(step - 1),
+            **{f"perf/time_{k}": v for k, v in timing.items()},
+            "perf/tokens_per_s": float(sum(len(d) for d in documents)) / sum(timing.values()),
+        }
+        for key in ("clip_fraction", "kl"):
+            if key in stats:
+                metrics[f"train/{key}"] = stats[key] / (t_cfg.world_size * t_cfg.micro_batches_per_rank * t_cfg.ppo_epochs)
+        history.append(metrics)
+        logger.log(metrics, step)
+        progress.update(1)
+        progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", len=f"{metrics['rollout/response_length_mean']:.0f}")
+        if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < t_cfg.max_steps:
+            eval_result = run_eval(weights)
+        if t_cfg.save_every and step % t_cfg.save_every == 0 and step < t_cfg.max_steps:
+            save(weights)
+    progress.close()
+
+    weights = weights if weights is not None else trainer.full_state_dict()
+    eval_result = run_eval(weights)
+    final = save(weights)
+    logger.finish()
+    trainer.shutdown()
+    pool.shutdown()
+    if hasattr(reward_fn, "close"):
+        reward_fn.close()
+    print(f"checkpoint: {final}")
+    print(f"metrics:    {logger.metrics_path}")
+    if "eval/accuracy" in eval_result:
+        start = initial_eval.get("eval/accuracy")
+        print(f"held-out exact match: {eval_result['eval/accuracy']:.3f}" + (f" (start {start:.3f})" if start is not None else ""))
+    return {"step": step, "history": history, "checkpoint": str(final), "initial_eval": initial_eval,
+            **{k: v for k, v in eval_result.items() if k.startswith("eval/")}}
