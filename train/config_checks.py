@@ -105,7 +105,8 @@ def check_rl(cfg: DictConfig) -> None:
     for key, default in (("dynamic_sampling", None), ("overlong_penalty", None), ("momentum", None), ("mask_truncated", False)):
         _require(a.get(key, default) == default, f"algorithm.{key} is not supported by the RL recipe yet (train/rl.py); set algorithm.{key}={default}")
     _require(not a.get("momentum_rollout", False), "algorithm=aapo (momentum rollouts) is not supported by the RL recipe yet")
-    _require(a.kl.placement == "loss", "algorithm.kl.placement=reward is not supported by the RL recipe yet; use algorithm.kl.placement=loss")
+    _require(a.kl.placement == "loss" or a.kl.beta == 0,
+             "algorithm.kl.placement=reward with kl.beta > 0 is not supported by the RL recipe yet; use algorithm.kl.placement=loss")
     _require(r.num_workers >= 1, f"rollout.num_workers={r.num_workers} must be >= 1")
     _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
     _require(

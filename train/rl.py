@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from data_pipelines.loading import load_split
@@ -104,12 +104,15 @@ def run(cfg: DictConfig) -> dict:
     prompts = to_prompts(load_split(cfg.data, "train", require_assistant=False), cfg.data.system_prompt)
     eval_rows = load_split(cfg.data, "eval") if cfg.data.source == "synthetic" or cfg.data.eval_files else []
     sampler = PromptSampler(prompts, r_cfg.prompts_per_step, cfg.seed)
+    model_path = str(resolve_model_path(cfg.model))
+    if "bingo" in cfg.reward and cfg.reward.bingo.get("scorer", {}).get("model", "") is None:
+        with open_dict(cfg):  # the self-information scorer defaults to the policy's starting weights
+            cfg.reward.bingo.scorer.model = model_path
     reward_fn = build_reward(cfg.reward)
     group_size = int(a_cfg.group_size)
     advantage_fn = instantiate(a_cfg.advantage)
     objective = instantiate(a_cfg.loss)
 
-    model_path = str(resolve_model_path(cfg.model))
     tokenizer = load_tokenizer(model_path)
     resume_from = checkpoint.resolve_resume(t_cfg.resume, run_dir)
     start_path = str(resume_from) if resume_from else model_path

@@ -33,12 +33,13 @@ def ray_cleanup():
 
 
 def test_rl_driver_runs_steps_syncs_weights_and_checkpoints(compose, tmp_path, ray_cleanup):
-    cfg = compose(FAST_RL + ["trainer.world_size=2", "trainer.zero_stage=2", "rollout.num_workers=2", f"run_dir={tmp_path}/rl"])
+    cfg = compose(FAST_RL + ["trainer.world_size=2", "trainer.zero_stage=2", "rollout.num_workers=2", f"run_dir={tmp_path}/rl",
+                            "reward=[correctness,format,bingo]"])
     out = run(cfg)
     assert out["step"] == 2 and len(out["history"]) == 2
     first, second = out["history"]
     assert first["rollout/policy_version"] == 0 and second["rollout/policy_version"] == 1  # synced after step 1
-    for key in ("reward/total", "reward/correctness", "reward/format", "rollout/response_length_mean", "train/entropy",
+    for key in ("reward/total", "reward/correctness", "reward/format", "reward/bingo", "rollout/response_length_mean", "train/entropy",
                 "train/grad_norm", "perf/time_generation", "perf/time_reward", "perf/time_update", "perf/time_weight_sync"):
         assert key in second
     ckpt = tmp_path / "rl" / "checkpoints" / "step_2"
