@@ -112,17 +112,23 @@ class PolicyTrainer:
             raise ValueError(f"rank {self.rank} got {len(batches)} micro-batches, expected {self.engine.gradient_accumulation_steps()}")
         scale = self.world_size * self.engine.gradient_accumulation_steps() / normaliser
         totals: dict[str, float] = {}
-        for batch, extra in zip(batches, extras):
+        grad_norm = None
+        for index, (batch, extra) in enumerate(zip(batches, extras)):
             batch = batch.to(self.device)
             logprobs, entropy = token_logprobs(self.engine, batch, self.attn_backend, with_entropy=True)
             loss_sum, stats = loss_fn(logprobs, entropy, batch, {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in extra.items()})
             self.engine.backward(loss_sum * scale)
+            if index == len(batches) - 1 and self.config["zero_optimization"]["stage"] == 0:
+                # stage 0 keeps whole, already all-reduced gradients; DeepSpeed reports no norm there
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             totals["loss_sum"] = totals.get("loss_sum", 0.0) + float(loss_sum.detach())
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         self.version += 1
-        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         totals["lr"] = self.optimizer.param_groups[0]["lr"]
         return totals

@@ -233,7 +233,7 @@ def run(cfg: DictConfig) -> dict:
             **{f"perf/time_{k}": v for k, v in timing.items()},
             "perf/tokens_per_s": float(sum(len(d) for d in documents)) / sum(timing.values()),
         }
-        for key in ("clip_fraction", "kl"):
+        for key in ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl"):
             if key in stats:
                 metrics[f"train/{key}"] = stats[key] / (t_cfg.world_size * t_cfg.micro_batches_per_rank * t_cfg.ppo_epochs)
         history.append(metrics)
