@@ -41,7 +41,7 @@ def overlong_penalty(
     """
     if not 0 < cache_len <= max_response_len:
         raise ValueError(
-            f"algorithm.shaping.overlong_cache_len must be in (0, max_response_len={max_response_len}], got {cache_len}"
+            f"algorithm.overlong_penalty.cache_len must be in (0, max_response_len={max_response_len}], got {cache_len}"
         )
     lengths = response_lengths.to(torch.float32)
     expected = max_response_len - cache_len

@@ -102,11 +102,16 @@ def check_rl(cfg: DictConfig) -> None:
     a = cfg.algorithm
     _require(a.group_size >= 2, f"algorithm.group_size={a.group_size} must be >= 2 (group-relative advantages need a group)")
     # Options of algorithms/ that the RL driver does not wire yet: refuse them rather than ignore them.
-    for key, default in (("dynamic_sampling", None), ("overlong_penalty", None), ("momentum", None), ("mask_truncated", False)):
+    for key, default in (("momentum", None),):
         _require(a.get(key, default) == default, f"algorithm.{key} is not supported by the RL recipe yet (train/rl.py); set algorithm.{key}={default}")
     _require(not a.get("momentum_rollout", False), "algorithm=aapo (momentum rollouts) is not supported by the RL recipe yet")
     _require(a.kl.placement == "loss" or a.kl.beta == 0,
              "algorithm.kl.placement=reward with kl.beta > 0 is not supported by the RL recipe yet; use algorithm.kl.placement=loss")
+    if a.get("overlong_penalty"):
+        cache = a.overlong_penalty.cache_len
+        _require(0 < cache <= r.max_new_tokens, f"algorithm.overlong_penalty.cache_len={cache} must be in "
+                 f"(0, rollout.max_new_tokens={r.max_new_tokens}]: the penalty ramps over the end of the budget")
+    _require(r.get("max_refill_rounds", 0) >= 0, f"rollout.max_refill_rounds={r.get('max_refill_rounds')} must be >= 0")
     _require(r.num_workers >= 1, f"rollout.num_workers={r.num_workers} must be >= 1")
     _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
     _require(

@@ -62,10 +62,12 @@ def placement(mode: str, on_gpu: bool) -> dict:
     raise ValueError(f"cluster.placement={mode!r} must be colocated or disaggregated")
 
 
-def rollouts_to_documents(rollouts) -> list[Document]:
-    """prompt + response as one document; the loss covers the response tokens only."""
+def rollouts_to_documents(rollouts, mask_truncated: bool = False) -> list[Document]:
+    """prompt + response as one document; the loss covers the response tokens only (none at all for a
+    truncated response when ``mask_truncated``: DAPO's overlong filtering)."""
     return [
-        Document(r.prompt_ids + r.response_ids, [False] * len(r.prompt_ids) + [True] * len(r.response_ids), sample_id=str(i))
+        Document(r.prompt_ids + r.response_ids,
+                 [False] * len(r.prompt_ids) + [not (mask_truncated and r.truncated)] * len(r.response_ids), sample_id=str(i))
         for i, r in enumerate(rollouts)
     ]
 
@@ -112,6 +114,8 @@ def run(cfg: DictConfig) -> dict:
     group_size = int(a_cfg.group_size)
     advantage_fn = instantiate(a_cfg.advantage)
     objective = instantiate(a_cfg.loss)
+    dynamic = instantiate(a_cfg.dynamic_sampling) if a_cfg.get("dynamic_sampling") else None
+    overlong = instantiate(a_cfg.overlong_penalty) if a_cfg.get("overlong_penalty") else None
 
     tokenizer = load_tokenizer(model_path)
     resume_from = checkpoint.resolve_resume(t_cfg.resume, run_dir)
@@ -166,14 +170,13 @@ def run(cfg: DictConfig) -> dict:
     history, eval_result, weights = [], {}, None
     initial_eval = run_eval(trainer.full_state_dict()) if t_cfg.eval_at_start and step == 0 else {}
     progress = tqdm(total=t_cfg.max_steps, initial=step, desc=f"rl:{a_cfg.name}", dynamic_ncols=True)
-    while step < t_cfg.max_steps:
-        timing = {}
-        t = time.perf_counter()
-        batch = sampler.next()
-        rollouts = pool.generate([p.text for p in batch], group_size, seed=cfg.seed * 100_003 + step,
-                                 max_new_tokens=r_cfg.max_new_tokens, temperature=r_cfg.temperature, top_p=r_cfg.top_p)
-        timing["generation"] = time.perf_counter() - t
 
+    def sample_and_score(batch, attempt: int):
+        """G rollouts per prompt of ``batch``, their rewards [B] and reward components (+ DAPO shaping)."""
+        t = time.perf_counter()
+        rollouts = pool.generate([p.text for p in batch], group_size, seed=cfg.seed * 100_003 + step * 101 + attempt,
+                                 max_new_tokens=r_cfg.max_new_tokens, temperature=r_cfg.temperature, top_p=r_cfg.top_p)
+        timing["generation"] = timing.get("generation", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         owners = [batch[r.prompt_index] for r in rollouts]
         rewards, components, _ = reward_fn(
@@ -181,9 +184,38 @@ def run(cfg: DictConfig) -> dict:
             [{**p.meta, "answer": p.answer, "truncated": r.truncated} for p, r in zip(owners, rollouts)],
             step=step, group_size=group_size,
         )
-        timing["reward"] = time.perf_counter() - t
+        if overlong is not None:
+            penalty = overlong(torch.tensor([len(r.response_ids) for r in rollouts]))
+            rewards, components = rewards + penalty, {**components, "overlong_penalty": penalty}
+        timing["reward"] = timing.get("reward", 0.0) + time.perf_counter() - t
+        return rollouts, rewards, components
 
-        documents = rollouts_to_documents(rollouts)
+    while step < t_cfg.max_steps:
+        timing = {}
+        # DAPO dynamic sampling: drop groups whose rewards are all equal and refill with new prompts, at most
+        # rollout.max_refill_rounds extra rounds; without it, one round.
+        parts, kept_groups, dropped_groups, attempt = [], 0, 0, 0
+        while kept_groups < r_cfg.prompts_per_step and attempt <= (r_cfg.max_refill_rounds if dynamic else 0):
+            part = sample_and_score(sampler.next(), attempt)
+            if dynamic is not None:
+                keep, dropped = dynamic(part[1], group_size)
+                dropped_groups += dropped
+                index = keep.nonzero().squeeze(1)[: (r_cfg.prompts_per_step - kept_groups) * group_size]
+                part = ([part[0][i] for i in index.tolist()], part[1][index], {k: v[index] for k, v in part[2].items()})
+            kept_groups += len(part[0]) // group_size
+            parts.append(part)
+            attempt += 1
+        rollouts = [r for part in parts for r in part[0]]
+        rewards = torch.cat([part[1] for part in parts])
+        components = {k: torch.cat([part[2][k] for part in parts]) for k in parts[0][2]}
+        if len(rollouts) < micro_batches:  # every group was dropped: nothing to learn from this step
+            step += 1
+            logger.log({"rollout/dropped_groups": dropped_groups, "rollout/kept_groups": kept_groups,
+                        "rollout/sampling_rounds": attempt, "train/skipped_update": 1.0}, step)
+            progress.update(1)
+            continue
+
+        documents = rollouts_to_documents(rollouts, bool(a_cfg.get("mask_truncated", False)))
         micro, members = pack_balanced(documents, micro_batches, t_cfg.row_tokens, tokenizer.pad_token_id)
         t = time.perf_counter()
         old = [per_document(lp, b)[0] for lp, b in zip(trainer.logprobs(micro), micro)]
@@ -196,7 +228,7 @@ def run(cfg: DictConfig) -> dict:
         advantages = advantage_fn(rewards, group_size)  # [num_rollouts]
         extras = [{"advantages": advantages[torch.tensor(m)], "old_logprobs": o, "ref_logprobs": rf}
                   for m, o, rf in zip(members, old, ref)]
-        response_tokens = sum(len(r.response_ids) for r in rollouts)
+        response_tokens = sum(sum(d.loss_mask) for d in documents)
         normalizer = {"token-mean": float(response_tokens)}.get(a_cfg.loss.aggregation.get("mode", "token-mean"), float(len(rollouts)))
 
         t = time.perf_counter()
@@ -223,6 +255,9 @@ def run(cfg: DictConfig) -> dict:
             "rollout/clipped_fraction": sum(r.truncated for r in rollouts) / len(rollouts),
             "rollout/policy_version": min(r.policy_version for r in rollouts),
             "rollout/worker_restarts": pool.restarts,
+            "rollout/dropped_groups": dropped_groups,
+            "rollout/kept_groups": kept_groups,
+            "rollout/sampling_rounds": attempt,
             "train/advantage_mean": advantages.mean().item(),
             "train/advantage_std": advantages.std().item() if len(advantages) > 1 else 0.0,
             "train/advantage_abs_mean": advantages.abs().mean().item(),

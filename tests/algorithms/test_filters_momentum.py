@@ -20,7 +20,7 @@ def test_overlong_penalty_reference():
     got = overlong_penalty(lengths, max_response_len=16, cache_len=4, factor=1.0)
     # expected = 12: 10 -> 0, 12 -> 0, 14 -> (12-14)/4 = -0.5, 16 -> -1.0, 17 (> max) -> -1
     assert got.tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0, -1.0])
-    with pytest.raises(ValueError, match="overlong_cache_len"):
+    with pytest.raises(ValueError, match=r"overlong_penalty\.cache_len"):
         overlong_penalty(lengths, max_response_len=16, cache_len=0)
 
 

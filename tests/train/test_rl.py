@@ -55,6 +55,7 @@ def test_rl_driver_runs_steps_syncs_weights_and_checkpoints(compose, tmp_path, r
         ("rollout.backend=vllm", r"rollout\.backend=vllm needs a CUDA GPU"),
         ("trainer.world_size=64", r"trainer\.world_size=64 exceeds"),
         ("algorithm.group_size=1", r"algorithm\.group_size=1"),
+        ("algorithm=dapo", r"algorithm\.overlong_penalty\.cache_len=32"),  # budget of 12 tokens in FAST_RL
     ],
 )
 def test_bad_rl_config_fails_before_any_work(compose, tmp_path, override, message):
@@ -84,3 +85,29 @@ def test_rl_resume_replays_the_same_steps(compose, tmp_path, ray_cleanup):
     for expected, got in zip(full["history"][1:], resumed["history"]):
         same = {k: v for k, v in expected.items() if not k.startswith("perf/")}
         assert {k: got[k] for k in same} == pytest.approx(same, rel=1e-6, abs=1e-7)
+
+
+def test_dapo_dynamic_sampling_drops_equal_reward_groups_and_refills(compose, tmp_path, ray_cleanup):
+    """On the random test model every group scores 0: each step drops all groups, refills for
+    rollout.max_refill_rounds extra rounds, then skips the update instead of training on zero advantages."""
+    cfg = compose(FAST_RL + ["algorithm=dapo", "rollout.max_refill_rounds=1", "algorithm.mask_truncated=true",
+                             "algorithm.overlong_penalty=null",  # its length shaping would make rewards differ
+                             f"run_dir={tmp_path}/dapo"])
+    out = run(cfg)
+    assert out["step"] == 2 and out["history"] == []
+    rows = [json.loads(l) for l in open(tmp_path / "dapo" / "metrics.jsonl")]
+    skipped = [r for r in rows if r.get("train/skipped_update") == 1.0]
+    assert [r["step"] for r in skipped] == [1, 2]
+    assert all(r["rollout/dropped_groups"] == 2 * 2 and r["rollout/sampling_rounds"] == 2 for r in skipped)
+
+
+def test_dapo_overlong_penalty_and_truncation_mask_train(compose, tmp_path, ray_cleanup):
+    """The soft overlong penalty makes rewards differ by length, so groups survive dynamic sampling and the
+    update runs with truncated responses masked out of the loss."""
+    cfg = compose(FAST_RL + ["algorithm=dapo", "algorithm.overlong_penalty.cache_len=4", "algorithm.mask_truncated=true",
+                             f"run_dir={tmp_path}/dapo2"])
+    out = run(cfg)
+    assert out["history"], "no step kept any group"
+    for metrics in out["history"]:
+        assert -1.0 <= metrics["reward/overlong_penalty"] <= 0.0
+        assert metrics["rollout/kept_groups"] >= 1
