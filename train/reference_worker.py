@@ -1,6 +1,4 @@
-"""Reference model worker: frozen weights, per-token log-probs on packed micro-batches (Ray actor or in-process).
-
-Also serves as AAPO's momentum model when given EMA updates (``ema_from``)."""
+"""Reference model worker: frozen weights, per-token log-probs on packed micro-batches (Ray actor or in-process)."""
 
 from __future__ import annotations
 
@@ -22,11 +20,3 @@ class ReferenceWorker:
     @torch.no_grad()
     def logprobs(self, batches: list[PackedBatch]) -> list[torch.Tensor]:
         return [token_logprobs(self.model, b.to(self.device), self.attn_backend)[0].cpu() for b in batches]
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.model.named_parameters()}
-
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, param in self.model.named_parameters():
-                param.copy_(state_dict[name])
