@@ -4,6 +4,7 @@ to the group as if it were one trainer."""
 from __future__ import annotations
 
 import socket
+import uuid
 
 import ray
 
@@ -16,19 +17,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class TrainerFailure(RuntimeError):
+    """A policy-trainer rank died or raised. Its torch.distributed world cannot continue without it (the other
+    ranks would wait in a collective), so the run must stop; it resumes from the last checkpoint."""
+
+
 class TrainerGroup:
-    """``world_size`` PolicyTrainer actors forming one torch.distributed world (rank 0 holds full weights)."""
+    """``world_size`` PolicyTrainer actors forming one torch.distributed world (rank 0 holds full weights).
+
+    Actors are named ``policy_trainer_<group>_<rank>`` (visible in ``ray list actors``). Every call waits for
+    the ranks one at a time, so the failure of any rank surfaces at once as a ``TrainerFailure`` instead of
+    leaving the driver blocked on a surviving rank stuck in a collective.
+    """
 
     def __init__(self, world_size: int, model_path: str, attn_backend: str, trainer_cfg: dict,
                  micro_batches_per_rank: int, seed: int = 0, num_cpus_per_rank: float = 1, num_gpus_per_rank: float = 0):
         self.world_size = world_size
         actor = ray.remote(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank)(PolicyTrainer)
         address, port = "127.0.0.1", free_port()
+        group = uuid.uuid4().hex[:8]
         self.ranks = [
-            actor.remote(rank, world_size, address, port, model_path, attn_backend, dict(trainer_cfg), micro_batches_per_rank, seed)
+            actor.options(name=f"policy_trainer_{group}_{rank}").remote(
+                rank, world_size, address, port, model_path, attn_backend, dict(trainer_cfg), micro_batches_per_rank, seed)
             for rank in range(world_size)
         ]
-        ray.get([r.__ray_ready__.remote() for r in self.ranks])
+        self._get([r.__ray_ready__.remote() for r in self.ranks], "start-up")
+
+    @staticmethod
+    def _get(refs: list, what: str) -> list:
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+                lines = [line for line in str(err).splitlines() if line.strip()]
+                cause = f"{lines[0]} ... {lines[-1]}" if len(lines) > 1 else (lines[0] if lines else "")
+                raise TrainerFailure(f"a policy trainer rank failed during {what}: {type(err).__name__}: {cause}") from err
+        return ray.get(list(refs))
 
     def shard(self, items: list) -> list[list]:
         """Contiguous split of ``items`` over the ranks (equal counts required by DeepSpeed)."""
@@ -38,26 +64,26 @@ class TrainerGroup:
         return [items[i * n : (i + 1) * n] for i in range(self.world_size)]
 
     def train_step(self, batches: list, loss_fn, normaliser: float, extras: list[dict]) -> list[dict]:
-        return ray.get([
+        return self._get([
             rank.train_step.remote(b, loss_fn, normaliser, e)
             for rank, b, e in zip(self.ranks, self.shard(batches), self.shard(extras))
-        ])
+        ], "the policy update")
 
     def logprobs(self, batches: list) -> list:
-        shards = ray.get([rank.logprobs.remote(b) for rank, b in zip(self.ranks, self.shard(batches))])
+        shards = self._get([rank.logprobs.remote(b) for rank, b in zip(self.ranks, self.shard(batches))], "log-probs")
         return [lp for shard in shards for lp in shard]
 
     def full_state_dict(self) -> dict:
-        return ray.get([rank.full_state_dict.remote() for rank in self.ranks])[0]
+        return self._get([rank.full_state_dict.remote() for rank in self.ranks], "weight gathering")[0]
 
     def save_state(self, path: str) -> None:
-        ray.get([rank.save_state.remote(path) for rank in self.ranks])
+        self._get([rank.save_state.remote(path) for rank in self.ranks], "checkpointing")
 
     def load_state(self, path: str) -> None:
-        ray.get([rank.load_state.remote(path) for rank in self.ranks])
+        self._get([rank.load_state.remote(path) for rank in self.ranks], "resume")
 
     def set_lr(self, lr: float) -> None:
-        ray.get([rank.set_lr.remote(lr) for rank in self.ranks])
+        self._get([rank.set_lr.remote(lr) for rank in self.ranks], "set_lr")
 
     def shutdown(self) -> None:
         for rank in self.ranks:
@@ -73,18 +99,26 @@ class RolloutPool:
     """
 
     def __init__(self, num_workers: int, model_path: str, seed: int = 0, num_cpus_per_worker: float = 1,
-                 num_gpus_per_worker: float = 0, max_restarts_per_step: int = 3):
+                 num_gpus_per_worker: float = 0, max_restarts_per_step: int = 3, backend: str = "hf"):
         if num_gpus_per_worker == 0 and num_cpus_per_worker < 1:
             num_cpus_per_worker = 0  # colocated on CPU: Ray accepts 0 or a whole number here
-        from train.rollout_worker import RolloutWorker
+        if backend == "vllm":
+            from train.vllm_worker import VLLMRolloutWorker as worker_class
 
-        self._actor = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(RolloutWorker)
+            self._worker_kwargs = {}
+        elif backend == "hf":
+            from train.rollout_worker import RolloutWorker as worker_class
+
+            self._worker_kwargs = {"device": "cuda" if num_gpus_per_worker > 0 else "cpu"}
+        else:
+            raise ValueError(f"rollout.backend={backend!r} must be hf or vllm")
+        self._actor = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(worker_class)
         self.model_path, self.seed, self.max_restarts_per_step = model_path, seed, max_restarts_per_step
-        self.workers = [self._actor.remote(model_path, seed + i) for i in range(num_workers)]
+        self.workers = [self._actor.remote(model_path, seed + i, **self._worker_kwargs) for i in range(num_workers)]
         self.weights_ref, self.version, self.restarts = None, 0, 0
 
     def _replace(self, index: int) -> None:
-        worker = self._actor.remote(self.model_path, self.seed + index)
+        worker = self._actor.remote(self.model_path, self.seed + index, **self._worker_kwargs)
         if self.weights_ref is not None:
             ray.get(worker.load_weights.remote(self.weights_ref, self.version))
         self.workers[index] = worker

@@ -35,8 +35,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir, step: int, model, tokenizer, trainer_state: dict, keep_last: int = 2) -> Path:
-    """Write ``step_{step}`` atomically, point ``latest`` at it and keep the newest ``keep_last``."""
+def save(run_dir, step: int, model, tokenizer, trainer_state: dict, keep_last: int = 2, write_extra=None) -> Path:
+    """Write ``step_{step}`` atomically, point ``latest`` at it and keep the newest ``keep_last``.
+
+    ``write_extra(tmp_dir)`` adds files (DeepSpeed state, momentum weights) before the rename, so they are
+    covered by the same atomic commit."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
@@ -46,6 +49,8 @@ def save(run_dir, step: int, model, tokenizer, trainer_state: dict, keep_last: i
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
+    if write_extra is not None:
+        write_extra(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

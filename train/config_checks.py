@@ -101,17 +101,27 @@ def check_rl(cfg: DictConfig) -> None:
         _require(importlib.util.find_spec("vllm") is not None, "rollout.backend=vllm needs the vllm package installed")
     a = cfg.algorithm
     _require(a.group_size >= 2, f"algorithm.group_size={a.group_size} must be >= 2 (group-relative advantages need a group)")
-    # Options of algorithms/ that the RL driver does not wire yet: refuse them rather than ignore them.
-    for key, default in (("momentum", None),):
-        _require(a.get(key, default) == default, f"algorithm.{key} is not supported by the RL recipe yet (train/rl.py); set algorithm.{key}={default}")
-    _require(not a.get("momentum_rollout", False), "algorithm=aapo (momentum rollouts) is not supported by the RL recipe yet")
-    _require(a.kl.placement == "loss" or a.kl.beta == 0,
-             "algorithm.kl.placement=reward with kl.beta > 0 is not supported by the RL recipe yet; use algorithm.kl.placement=loss")
+    _require(a.kl.placement in ("loss", "reward"), f"algorithm.kl.placement={a.kl.placement!r} must be loss or reward")
+    _require(a.kl.beta >= 0, f"algorithm.kl.beta={a.kl.beta} must be >= 0")
+    if a.kl.placement == "reward" and a.kl.beta > 0:
+        _require(a.get("kl_reward") is not None, "algorithm.kl.placement=reward needs an algorithm.kl_reward block "
+                 "(see configs/algorithm/grpo.yaml)")
+    uses_momentum = "aapo" in str(a.advantage.get("_target_", ""))
+    _require(not uses_momentum or a.get("momentum_rollout", False),
+             "algorithm.advantage is AAPO's (needs momentum-model rewards): set algorithm.momentum_rollout=true")
+    _require(not a.get("momentum_rollout", False) or uses_momentum,
+             "algorithm.momentum_rollout=true samples a momentum model whose rewards only AAPO's advantage uses; "
+             "set algorithm.momentum_rollout=false or algorithm=aapo")
+    if a.get("momentum"):
+        _require(0 <= a.momentum.alpha <= 1, f"algorithm.momentum.alpha={a.momentum.alpha} must be in [0, 1] (1 = frozen)")
+        _require(a.momentum.period >= 1, f"algorithm.momentum.period={a.momentum.period} must be >= 1")
     if a.get("overlong_penalty"):
         cache = a.overlong_penalty.cache_len
         _require(0 < cache <= r.max_new_tokens, f"algorithm.overlong_penalty.cache_len={cache} must be in "
                  f"(0, rollout.max_new_tokens={r.max_new_tokens}]: the penalty ramps over the end of the budget")
     _require(r.get("max_refill_rounds", 0) >= 0, f"rollout.max_refill_rounds={r.get('max_refill_rounds')} must be >= 0")
+    if r.get("multi_turn", False):  # single-pass multi-turn documents need a backend that reads the span description
+        check_mode("single_pass", cfg.model.attn_backend, max_turns=2)
     _require(r.num_workers >= 1, f"rollout.num_workers={r.num_workers} must be >= 1")
     _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
     _require(

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from data_pipelines.loading import load_split
+from data_pipelines.multiturn import document_from_prompts
 from data_pipelines.packing import Document, pack_balanced
 from data_pipelines.prompts import PromptSampler, to_prompts
 from train import checkpoint
@@ -29,10 +30,12 @@ from train.config_checks import check_rl
 from train.evaluate import evaluate
 from train.forward import per_document
 from train.model_zoo import load_model, load_tokenizer, resolve_model_path
+from train.multiturn_rollout import chat_prompts, generate_chats, merge_turns, score_chats
 from train.run_logger import RunLogger
 from train.runtime import seed_everything
 
 log = logging.getLogger(__name__)
+MOMENTUM_FILE = "momentum_model.pt"  # AAPO's EMA momentum weights inside a checkpoint (when alpha < 1)
 
 
 def init_ray(cluster_cfg) -> None:
@@ -64,12 +67,33 @@ def placement(mode: str, on_gpu: bool) -> dict:
 
 def rollouts_to_documents(rollouts, mask_truncated: bool = False) -> list[Document]:
     """prompt + response as one document; the loss covers the response tokens only (none at all for a
-    truncated response when ``mask_truncated``: DAPO's overlong filtering)."""
-    return [
-        Document(r.prompt_ids + r.response_ids,
-                 [False] * len(r.prompt_ids) + [not (mask_truncated and r.truncated)] * len(r.response_ids), sample_id=str(i))
-        for i, r in enumerate(rollouts)
-    ]
+    truncated response when ``mask_truncated``: DAPO's overlong filtering). A multi-turn rollout becomes one
+    single-pass multi-turn document (data_pipelines/multiturn.py) holding all its turns."""
+    documents = []
+    for i, r in enumerate(rollouts):
+        if "turn_prompts" in r.meta:
+            loss = [[not (mask_truncated and cut)] * len(resp) for resp, cut in zip(r.meta["turn_responses"], r.meta["turn_truncated"])]
+            documents.append(document_from_prompts(r.meta["turn_prompts"], r.meta["turn_responses"], loss, sample_id=str(i)))
+        else:
+            documents.append(Document(r.prompt_ids + r.response_ids,
+                                      [False] * len(r.prompt_ids) + [not (mask_truncated and r.truncated)] * len(r.response_ids),
+                                      sample_id=str(i)))
+    return documents
+
+
+def sample_table(owners, rollouts, rewards, components, per_group: int = 2, max_rows: int = 16) -> list[dict]:
+    """Rows of the W&B sample table: the first ``per_group`` responses of each prompt, up to ``max_rows``."""
+    rows, seen = [], {}
+    for i, (prompt, rollout) in enumerate(zip(owners, rollouts)):
+        seen[prompt.prompt_id] = seen.get(prompt.prompt_id, 0) + 1
+        if seen[prompt.prompt_id] > per_group or len(rows) >= max_rows:
+            continue
+        rows.append({"prompt_id": prompt.prompt_id, "prompt": prompt.text, "response": rollout.response_text,
+                     "answer": str(prompt.answer), "reward": float(rewards[i]),
+                     **{f"reward_{k}": float(v[i]) for k, v in components.items()},
+                     "length": len(rollout.response_ids), "truncated": bool(rollout.truncated),
+                     "policy_version": rollout.policy_version})
+    return rows
 
 
 def make_loss_fn(objective, normalizer: float):
@@ -95,7 +119,7 @@ def run(cfg: DictConfig) -> dict:
     check_rl(cfg)
     import ray
 
-    from train.actors import RolloutPool, TrainerGroup
+    from train.actors import RolloutPool, TrainerFailure, TrainerGroup
     from train.reference_worker import ReferenceWorker
 
     run_dir = Path(cfg.run_dir)
@@ -103,7 +127,9 @@ def run(cfg: DictConfig) -> dict:
     t_cfg, r_cfg, a_cfg = cfg.trainer, cfg.rollout, cfg.algorithm
 
     # Data and reward functions first: bad rows or reward settings fail before any actor starts.
-    prompts = to_prompts(load_split(cfg.data, "train", require_assistant=False), cfg.data.system_prompt)
+    multi_turn = bool(r_cfg.get("multi_turn", False))  # the policy answers every user turn of each chat itself
+    train_rows = load_split(cfg.data, "train", require_assistant=False)
+    prompts = (chat_prompts if multi_turn else to_prompts)(train_rows, cfg.data.system_prompt)
     eval_rows = load_split(cfg.data, "eval") if cfg.data.source == "synthetic" or cfg.data.eval_files else []
     sampler = PromptSampler(prompts, r_cfg.prompts_per_step, cfg.seed)
     model_path = str(resolve_model_path(cfg.model))
@@ -116,6 +142,9 @@ def run(cfg: DictConfig) -> dict:
     objective = instantiate(a_cfg.loss)
     dynamic = instantiate(a_cfg.dynamic_sampling) if a_cfg.get("dynamic_sampling") else None
     overlong = instantiate(a_cfg.overlong_penalty) if a_cfg.get("overlong_penalty") else None
+    kl_beta = float(a_cfg.kl.beta)
+    kl_reward = instantiate(a_cfg.kl_reward) if a_cfg.kl.placement == "reward" and kl_beta > 0 else None
+    momentum_update = instantiate(a_cfg.momentum) if a_cfg.get("momentum") else None
 
     tokenizer = load_tokenizer(model_path)
     resume_from = checkpoint.resolve_resume(t_cfg.resume, run_dir)
@@ -126,11 +155,15 @@ def run(cfg: DictConfig) -> dict:
     res = placement(cfg.cluster.placement, torch.cuda.is_available())
     trainer = TrainerGroup(t_cfg.world_size, start_path, cfg.model.attn_backend, OmegaConf.to_container(t_cfg),
                            t_cfg.micro_batches_per_rank, cfg.seed, **res["trainer"])
-    pool = RolloutPool(r_cfg.num_workers, start_path, cfg.seed, **res["rollout"])
-    kl_beta = float(a_cfg.kl.beta)
+    pool = RolloutPool(r_cfg.num_workers, start_path, cfg.seed, backend=r_cfg.backend, **res["rollout"])
     reference = None
     if kl_beta > 0:
         reference = ray.remote(**res["reference"])(ReferenceWorker).remote(model_path, cfg.model.attn_backend)
+    # AAPO: the momentum model is sampled by rollout workers of its own, like the policy. It starts as the
+    # initial policy; with momentum.alpha < 1 it follows the policy by EMA (weights kept here and checkpointed).
+    momentum_pool, momentum_state = None, None
+    if a_cfg.get("momentum_rollout"):
+        momentum_pool = RolloutPool(r_cfg.num_workers, model_path, cfg.seed + 7_919, backend=r_cfg.backend, **res["rollout"])
 
     step, version = 0, 0
     if resume_from is not None:
@@ -140,6 +173,9 @@ def run(cfg: DictConfig) -> dict:
         checkpoint.set_rng_state(state["rng"])
         step = version = state["step"]
         pool.sync(trainer.full_state_dict(), version)
+        if momentum_pool is not None and (resume_from / MOMENTUM_FILE).exists():
+            momentum_state = torch.load(resume_from / MOMENTUM_FILE)
+            momentum_pool.sync(momentum_state, step)
         log.info("resumed from %s at step %d", resume_from, step)
 
     logger = RunLogger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
@@ -151,12 +187,15 @@ def run(cfg: DictConfig) -> dict:
         progress = (s - t_cfg.warmup_steps) / max(t_cfg.max_steps - t_cfg.warmup_steps, 1)
         return t_cfg.lr * (t_cfg.min_lr_ratio + (1 - t_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
+    def write_extra(tmp: Path) -> None:  # inside the atomic checkpoint write
+        trainer.save_state(str(tmp))
+        if momentum_state is not None:
+            torch.save(momentum_state, tmp / MOMENTUM_FILE)
+
     def save(weights):
         hf_model.load_state_dict(weights, strict=False)
-        path = checkpoint.save(run_dir, step, hf_model, tokenizer,
-                               {"sampler": sampler.state_dict(), "algorithm": a_cfg.name}, t_cfg.keep_last)
-        trainer.save_state(str(path))
-        return path
+        return checkpoint.save(run_dir, step, hf_model, tokenizer, {"sampler": sampler.state_dict(), "algorithm": a_cfg.name},
+                               t_cfg.keep_last, write_extra=write_extra)
 
     def run_eval(weights) -> dict:
         if not eval_rows:
@@ -171,13 +210,7 @@ def run(cfg: DictConfig) -> dict:
     initial_eval = run_eval(trainer.full_state_dict()) if t_cfg.eval_at_start and step == 0 else {}
     progress = tqdm(total=t_cfg.max_steps, initial=step, desc=f"rl:{a_cfg.name}", dynamic_ncols=True)
 
-    def sample_and_score(batch, attempt: int):
-        """G rollouts per prompt of ``batch``, their rewards [B] and reward components (+ DAPO shaping)."""
-        t = time.perf_counter()
-        rollouts = pool.generate([p.text for p in batch], group_size, seed=cfg.seed * 100_003 + step * 101 + attempt,
-                                 max_new_tokens=r_cfg.max_new_tokens, temperature=r_cfg.temperature, top_p=r_cfg.top_p)
-        timing["generation"] = timing.get("generation", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()
+    def score(batch, rollouts):
         owners = [batch[r.prompt_index] for r in rollouts]
         rewards, components, _ = reward_fn(
             [p.text for p in owners], [r.response_text for r in rollouts], [r.response_ids for r in rollouts],
@@ -187,106 +220,166 @@ def run(cfg: DictConfig) -> dict:
         if overlong is not None:
             penalty = overlong(torch.tensor([len(r.response_ids) for r in rollouts]))
             rewards, components = rewards + penalty, {**components, "overlong_penalty": penalty}
+        return rewards, components
+
+    def sample_and_score(batch, attempt: int):
+        """G rollouts per prompt of ``batch``, their rewards [B] and reward components (+ DAPO shaping), and
+        for AAPO the rewards [B] of as many momentum-model responses (None otherwise)."""
+        seed = cfg.seed * 100_003 + step * 101 + attempt
+        sampling = dict(max_new_tokens=r_cfg.max_new_tokens, temperature=r_cfg.temperature, top_p=r_cfg.top_p)
+        def sample(workers, seed):  # -> rollouts, and the per-turn rollouts of multi-turn chats (else None)
+            if not multi_turn:
+                return workers.generate([p.text for p in batch], group_size, seed=seed, **sampling), None
+            turns = generate_chats(workers, tokenizer, batch, group_size, seed, **sampling)
+            return merge_turns(turns), turns
+
+        def scored(rollouts, turns):
+            return score(batch, rollouts) if turns is None else score_chats(score, batch, turns)
+
+        t = time.perf_counter()
+        rollouts, turns = sample(pool, seed)
+        momentum = sample(momentum_pool, seed + 50_021) if momentum_pool is not None else None
+        timing["generation"] = timing.get("generation", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        rewards, components = scored(rollouts, turns)
+        momentum_rewards = None if momentum is None else scored(*momentum)[0]
         timing["reward"] = timing.get("reward", 0.0) + time.perf_counter() - t
-        return rollouts, rewards, components
+        return rollouts, rewards, components, momentum_rewards, [batch[r.prompt_index] for r in rollouts]
 
-    while step < t_cfg.max_steps:
-        timing = {}
-        # DAPO dynamic sampling: drop groups whose rewards are all equal and refill with new prompts, at most
-        # rollout.max_refill_rounds extra rounds; without it, one round.
-        parts, kept_groups, dropped_groups, attempt = [], 0, 0, 0
-        while kept_groups < r_cfg.prompts_per_step and attempt <= (r_cfg.max_refill_rounds if dynamic else 0):
-            part = sample_and_score(sampler.next(), attempt)
-            if dynamic is not None:
-                keep, dropped = dynamic(part[1], group_size)
-                dropped_groups += dropped
-                index = keep.nonzero().squeeze(1)[: (r_cfg.prompts_per_step - kept_groups) * group_size]
-                part = ([part[0][i] for i in index.tolist()], part[1][index], {k: v[index] for k, v in part[2].items()})
-            kept_groups += len(part[0]) // group_size
-            parts.append(part)
-            attempt += 1
-        rollouts = [r for part in parts for r in part[0]]
-        rewards = torch.cat([part[1] for part in parts])
-        components = {k: torch.cat([part[2][k] for part in parts]) for k in parts[0][2]}
-        if len(rollouts) < micro_batches:  # every group was dropped: nothing to learn from this step
-            step += 1
-            logger.log({"rollout/dropped_groups": dropped_groups, "rollout/kept_groups": kept_groups,
-                        "rollout/sampling_rounds": attempt, "train/skipped_update": 1.0}, step)
-            progress.update(1)
-            continue
+    try:
+        while step < t_cfg.max_steps:
+            timing = {}
+            # DAPO dynamic sampling: drop groups whose rewards are all equal and refill with new prompts, at most
+            # rollout.max_refill_rounds extra rounds; without it, one round.
+            parts, kept_groups, dropped_groups, attempt = [], 0, 0, 0
+            while kept_groups < r_cfg.prompts_per_step and attempt <= (r_cfg.max_refill_rounds if dynamic else 0):
+                part = sample_and_score(sampler.next(), attempt)
+                if dynamic is not None:
+                    keep, dropped = dynamic(part[1], group_size)
+                    dropped_groups += dropped
+                    index = keep.nonzero().squeeze(1)[: (r_cfg.prompts_per_step - kept_groups) * group_size]
+                    part = ([part[0][i] for i in index.tolist()], part[1][index], {k: v[index] for k, v in part[2].items()},
+                            None if part[3] is None else part[3][index], [part[4][i] for i in index.tolist()])
+                kept_groups += len(part[0]) // group_size
+                parts.append(part)
+                attempt += 1
+            rollouts = [r for part in parts for r in part[0]]
+            batch_prompts = [p for part in parts for p in part[4]]
+            rewards = torch.cat([part[1] for part in parts])
+            components = {k: torch.cat([part[2][k] for part in parts]) for k in parts[0][2]}
+            momentum_rewards = None if momentum_pool is None else torch.cat([part[3] for part in parts])
+            if len(rollouts) < micro_batches:  # every group was dropped: nothing to learn from this step
+                step += 1
+                logger.log({"rollout/dropped_groups": dropped_groups, "rollout/kept_groups": kept_groups,
+                            "rollout/sampling_rounds": attempt, "train/skipped_update": 1.0}, step)
+                progress.update(1)
+                continue
 
-        documents = rollouts_to_documents(rollouts, bool(a_cfg.get("mask_truncated", False)))
-        micro, members = pack_balanced(documents, micro_batches, t_cfg.row_tokens, tokenizer.pad_token_id)
-        t = time.perf_counter()
-        old = [per_document(lp, b)[0] for lp, b in zip(trainer.logprobs(micro), micro)]
-        timing["old_logprobs"] = time.perf_counter() - t
-        ref = [None] * len(micro)
-        if reference is not None:
+            documents = rollouts_to_documents(rollouts, bool(a_cfg.get("mask_truncated", False)))
+            micro, members = pack_balanced(documents, micro_batches, t_cfg.row_tokens, tokenizer.pad_token_id)
             t = time.perf_counter()
-            ref = [per_document(lp, b)[0] for lp, b in zip(ray.get(reference.logprobs.remote(micro)), micro)]
-            timing["reference"] = time.perf_counter() - t
-        advantages = advantage_fn(rewards, group_size)  # [num_rollouts]
-        extras = [{"advantages": advantages[torch.tensor(m)], "old_logprobs": o, "ref_logprobs": rf}
-                  for m, o, rf in zip(members, old, ref)]
-        response_tokens = sum(sum(d.loss_mask) for d in documents)
-        normalizer = {"token-mean": float(response_tokens)}.get(a_cfg.loss.aggregation.get("mode", "token-mean"), float(len(rollouts)))
+            old, masks = zip(*[per_document(lp, b) for lp, b in zip(trainer.logprobs(micro), micro)])
+            timing["old_logprobs"] = time.perf_counter() - t
+            ref = [None] * len(micro)
+            if reference is not None:
+                t = time.perf_counter()
+                ref = [per_document(lp, b)[0] for lp, b in zip(ray.get(reference.logprobs.remote(micro)), micro)]
+                timing["reference"] = time.perf_counter() - t
+            task_rewards = rewards
+            if kl_reward is not None:  # kl.placement=reward: r_i - beta * sum_t kl_it, on the sampling-time log-probs
+                rewards = rewards.clone()
+                for m, o, rf, mask in zip(members, old, ref, masks):
+                    rewards[m] = kl_reward(rewards[m], o, rf, mask)
+            if momentum_rewards is not None:
+                advantages = advantage_fn(rewards, group_size, momentum_rewards)  # [num_rollouts]
+            else:
+                advantages = advantage_fn(rewards, group_size)  # [num_rollouts]
+            extras = [{"advantages": advantages[torch.tensor(m)], "old_logprobs": o, "ref_logprobs": rf}
+                      for m, o, rf in zip(members, old, ref)]
+            response_tokens = sum(sum(d.loss_mask) for d in documents)
+            normalizer = {"token-mean": float(response_tokens)}.get(a_cfg.loss.aggregation.get("mode", "token-mean"), float(len(rollouts)))
 
-        t = time.perf_counter()
-        trainer.set_lr(lr_at(step))
-        stats = {}
-        for _ in range(t_cfg.ppo_epochs):
-            for rank_stats in trainer.train_step(micro, make_loss_fn(objective, normalizer), 1.0, extras):
-                for k, v in rank_stats.items():
-                    stats[k] = stats.get(k, 0.0) + v
-        timing["update"] = time.perf_counter() - t
-        step += 1
+            t = time.perf_counter()
+            trainer.set_lr(lr_at(step))
+            stats = {}
+            for _ in range(t_cfg.ppo_epochs):
+                for rank_stats in trainer.train_step(micro, make_loss_fn(objective, normalizer), 1.0, extras):
+                    for k, v in rank_stats.items():
+                        stats[k] = stats.get(k, 0.0) + v
+            timing["update"] = time.perf_counter() - t
+            step += 1
 
-        t = time.perf_counter()
-        weights = trainer.full_state_dict()
-        pool.sync(weights, step)
-        timing["weight_sync"] = time.perf_counter() - t
+            t = time.perf_counter()
+            weights = trainer.full_state_dict()
+            pool.sync(weights, step)
+            if momentum_update is not None and momentum_pool is not None:
+                if momentum_state is None and momentum_update.keywords.get("alpha", 1.0) < 1.0:
+                    momentum_state = {k: v.clone() for k, v in load_model(model_path).state_dict().items() if k in weights}
+                if momentum_state is not None and momentum_update(momentum_state, {k: weights[k] for k in momentum_state}, step=step):
+                    momentum_pool.sync(momentum_state, step)
+            timing["weight_sync"] = time.perf_counter() - t
 
-        lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float)
-        metrics = {
-            "reward/total": rewards.mean().item(),
-            **{f"reward/{k}": v.float().mean().item() for k, v in components.items()},
-            "rollout/response_length_mean": lengths.mean().item(),
-            "rollout/response_length_p90": lengths.quantile(0.9).item(),
-            "rollout/clipped_fraction": sum(r.truncated for r in rollouts) / len(rollouts),
-            "rollout/policy_version": min(r.policy_version for r in rollouts),
-            "rollout/worker_restarts": pool.restarts,
-            "rollout/dropped_groups": dropped_groups,
-            "rollout/kept_groups": kept_groups,
-            "rollout/sampling_rounds": attempt,
-            "train/advantage_mean": advantages.mean().item(),
-            "train/advantage_std": advantages.std().item() if len(advantages) > 1 else 0.0,
-            "train/advantage_abs_mean": advantages.abs().mean().item(),
-            "train/loss": stats.get("loss_sum", 0.0) / t_cfg.ppo_epochs,
-            "train/entropy": stats.get("entropy_sum", 0.0) / max(stats.get("tokens", 1.0), 1.0),
-            "train/grad_norm": stats.get("grad_norm", float("nan")) / t_cfg.world_size,
-            "train/lr": lr_at(step - 1),
-            **{f"perf/time_{k}": v for k, v in timing.items()},
-            "perf/tokens_per_s": float(sum(len(d) for d in documents)) / sum(timing.values()),
-        }
-        for key in ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl"):
-            if key in stats:
-                metrics[f"train/{key}"] = stats[key] / (t_cfg.world_size * t_cfg.micro_batches_per_rank * t_cfg.ppo_epochs)
-        history.append(metrics)
-        logger.log(metrics, step)
-        progress.update(1)
-        progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", len=f"{metrics['rollout/response_length_mean']:.0f}")
-        if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < t_cfg.max_steps:
-            eval_result = run_eval(weights)
-        if t_cfg.save_every and step % t_cfg.save_every == 0 and step < t_cfg.max_steps:
-            save(weights)
-    progress.close()
+            lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float)
+            metrics = {
+                "reward/total": rewards.mean().item(),
+                **({"reward/task": task_rewards.mean().item()} if kl_reward is not None else {}),
+                **({"reward/momentum_total": momentum_rewards.mean().item()} if momentum_rewards is not None else {}),
+                **{f"reward/{k}": v.float().mean().item() for k, v in components.items()},
+                "rollout/response_length_mean": lengths.mean().item(),
+                "rollout/response_length_p90": lengths.quantile(0.9).item(),
+                "rollout/clipped_fraction": sum(r.truncated for r in rollouts) / len(rollouts),
+                "rollout/policy_version": min(r.policy_version for r in rollouts),
+                "rollout/worker_restarts": pool.restarts,
+                "rollout/dropped_groups": dropped_groups,
+                "rollout/kept_groups": kept_groups,
+                "rollout/sampling_rounds": attempt,
+                "train/advantage_mean": advantages.mean().item(),
+                "train/advantage_std": advantages.std().item() if len(advantages) > 1 else 0.0,
+                "train/advantage_abs_mean": advantages.abs().mean().item(),
+                "train/loss": stats.get("loss_sum", 0.0) / t_cfg.ppo_epochs,
+                "train/entropy": stats.get("entropy_sum", 0.0) / max(stats.get("tokens", 1.0), 1.0),
+                "train/grad_norm": stats.get("grad_norm", float("nan")) / t_cfg.world_size,
+                "train/lr": lr_at(step - 1),
+                **{f"perf/time_{k}": v for k, v in timing.items()},
+                "perf/tokens_per_s": float(sum(len(d) for d in documents)) / sum(timing.values()),
+            }
+            for key in ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl"):
+                if key in stats:
+                    metrics[f"train/{key}"] = stats[key] / (t_cfg.world_size * t_cfg.micro_batches_per_rank * t_cfg.ppo_epochs)
+            history.append(metrics)
+            logger.log(metrics, step)
+            samples_every = int(cfg.logger.get("samples_every", 10) or 0)
+            if samples_every and (step % samples_every == 0 or step == 1):
+                logger.log_samples("rollout/samples", sample_table(batch_prompts, rollouts, rewards, components), step)
+                logger.log_histogram("rollout/response_length", lengths.tolist(), step)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", len=f"{metrics['rollout/response_length_mean']:.0f}")
+            if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < t_cfg.max_steps:
+                eval_result = run_eval(weights)
+            if t_cfg.save_every and step % t_cfg.save_every == 0 and step < t_cfg.max_steps:
+                save(weights)
+        progress.close()
 
-    weights = weights if weights is not None else trainer.full_state_dict()
-    eval_result = run_eval(weights)
-    final = save(weights)
+        weights = weights if weights is not None else trainer.full_state_dict()
+        eval_result = run_eval(weights)
+        final = save(weights)
+    except TrainerFailure as err:
+        progress.close()
+        logger.finish()
+        for group in (trainer, pool, momentum_pool):
+            if group is not None:
+                group.shutdown()
+        last = checkpoint.latest(run_dir)
+        raise TrainerFailure(
+            f"{err}. The run stopped at step {step}; the last good checkpoint is "
+            f"{last if last else 'none (no checkpoint was saved yet)'}. Fix the cause (see the trainer actor's log "
+            f"above), then rerun the same command with run_dir={run_dir} and trainer.resume=auto to continue from it."
+        ) from err
     logger.finish()
     trainer.shutdown()
     pool.shutdown()
+    if momentum_pool is not None:
+        momentum_pool.shutdown()
     if hasattr(reward_fn, "close"):
         reward_fn.close()
     print(f"checkpoint: {final}")

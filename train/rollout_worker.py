@@ -46,15 +46,22 @@ class RolloutWorker:
         return version
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0,
+    def generate(self, prompts: list[str] | list[list[int]], group_size: int, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, prompt_offset: int = 0) -> list[Rollout]:
-        """``group_size`` samples for each prompt; rollouts come grouped (prompt 0's group first)."""
+        """``group_size`` samples for each prompt (text, or token ids); rollouts come grouped (prompt 0's group first)."""
         tok = self.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        finally:
-            tok.padding_side = side
+        if prompts and not isinstance(prompts[0], str):  # token ids (multi-turn prompts built by appending ids)
+            width = max(len(p) for p in prompts)
+            enc = {
+                "input_ids": torch.tensor([[tok.pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=self.device),
+                "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device),
+            }
+        else:
+            side, tok.padding_side = tok.padding_side, "left"
+            try:
+                enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            finally:
+                tok.padding_side = side
         if seed is not None:
             torch.manual_seed(seed)
         out = self.model.generate(

@@ -22,6 +22,10 @@ FAST_RL = [
     "cluster.ray_num_cpus=2",
 ]
 
+# The random test model never answers correctly; the Kimi length reward on characters still differs within a
+# group, so advantages are non-zero and the policy moves.
+VARIED_REWARD = ["reward=[correctness,kimi_length]", "reward.kimi_length.length_unit=chars"]
+
 
 @pytest.fixture
 def ray_cleanup():
@@ -111,3 +115,75 @@ def test_dapo_overlong_penalty_and_truncation_mask_train(compose, tmp_path, ray_
     for metrics in out["history"]:
         assert -1.0 <= metrics["reward/overlong_penalty"] <= 0.0
         assert metrics["rollout/kept_groups"] >= 1
+
+
+def test_aapo_samples_the_momentum_model_and_checkpoints_its_ema(compose, tmp_path, ray_cleanup):
+    """AAPO: a second rollout pool samples the momentum model; with alpha < 1 its EMA weights move towards the
+    policy after each update and are saved inside the checkpoint (resume restores them)."""
+    import torch
+
+    cfg = compose(FAST_RL + ["algorithm=aapo", "algorithm.momentum.alpha=0.5", f"run_dir={tmp_path}/aapo", *VARIED_REWARD])
+    out = run(cfg)
+    assert out["step"] == 2 and all("reward/momentum_total" in m for m in out["history"])
+    ckpt = tmp_path / "aapo" / "checkpoints" / "step_2"
+    momentum = torch.load(ckpt / "momentum_model.pt")
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
+    from train.model_zoo import resolve_model_path
+
+    start = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model)).state_dict()
+    name = next(k for k in momentum if k.endswith("q_proj.weight"))
+    # two EMA steps with alpha 0.5: m2 = 0.25 * theta_0 + 0.25 * theta_1 + 0.5 * theta_2, strictly between start and policy
+    moved, gap = (momentum[name] - start[name]).norm(), (policy[name] - start[name]).norm()
+    assert 0 < moved < gap
+
+
+def test_kl_in_reward_penalises_rewards_before_advantages(compose, tmp_path, ray_cleanup):
+    """kl.placement=reward with beta > 0: rewards get -beta * sum_t KL (reference actor started); the task reward
+    is logged apart. At step 1 policy == reference, so the penalty is exactly 0; after an update it is not."""
+    cfg = compose(FAST_RL + ["algorithm.kl.beta=0.5", "algorithm.kl.placement=reward", "algorithm.kl.estimator=k1",
+                             "trainer.lr=1e-3", f"run_dir={tmp_path}/klr", *VARIED_REWARD])
+    out = run(cfg)
+    first, second = out["history"]
+    assert first["reward/total"] == pytest.approx(first["reward/task"], abs=1e-6)
+    assert second["reward/total"] != pytest.approx(second["reward/task"], abs=1e-6)
+    assert "perf/time_reference" in second
+
+
+def test_trainer_failure_stops_with_a_clear_message_and_keeps_the_last_checkpoint(compose, tmp_path, ray_cleanup):
+    """A trainer rank killed mid-run: the driver stops with TrainerFailure naming the last good checkpoint, which
+    is intact and resumes."""
+    import threading
+    import time
+
+    import ray
+
+    from train.actors import TrainerFailure
+    from train.checkpoint import latest
+
+    run_dir = tmp_path / "fail"
+    cfg = compose(FAST_RL + ["trainer.max_steps=40", "trainer.world_size=2", "trainer.zero_stage=1", f"run_dir={run_dir}"])
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run_dir / "checkpoints" / "step_1").exists():
+            time.sleep(0.2)
+        for name in ray.util.list_named_actors():
+            if name.startswith("policy_trainer_") and name.endswith("_1"):
+                ray.kill(ray.get_actor(name))
+                killed.append(name)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    with pytest.raises(TrainerFailure, match=r"last good checkpoint is .*step_\d+.*trainer\.resume=auto"):
+        run(cfg)
+    watcher.join(timeout=5)
+    assert killed, "the watcher found no trainer rank to kill"
+    last = latest(run_dir)
+    assert last is not None and (last / "trainer_state.pt").exists() and (last / "deepspeed").is_dir()
+    ray.shutdown()
+    resumed = run(compose(FAST_RL + ["trainer.max_steps=" + str(int(last.name.split("_")[1]) + 1), "trainer.world_size=2",
+                                     "trainer.zero_stage=1", f"run_dir={run_dir}", "trainer.resume=auto"]))
+    assert resumed["step"] == int(last.name.split("_")[1]) + 1
