@@ -80,6 +80,18 @@ def _column_steps(a: int, b: int, op: str) -> list[str]:
     return steps
 
 
+def _regroupings(a: int, b: int, op: str) -> int:
+    """Columns of ``a op b`` (a >= b for subtraction) that carry (+) or borrow (-)."""
+    count, carry = 0, 0
+    da, db = str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        carry = int(x + y + carry >= 10) if op == "+" else int(x - y - carry < 0)
+        count += carry
+    return count
+
+
 def _question(rng: random.Random, operands: list[int], ops: list[str], word: bool) -> str:
     if not word:
         expr = str(operands[0]) + "".join(f" {op} {n}" for op, n in zip(ops, operands[1:]))
@@ -93,10 +105,14 @@ def _question(rng: random.Random, operands: list[int], ops: list[str], word: boo
 
 
 def make_problem(rng: random.Random, spec: ArithmeticSpec) -> dict:
-    """One question with its reasoning, final answer and the filler sentences it contains."""
+    """One question with its reasoning, final answer and the filler sentences it contains.
+
+    Ground truth for difficulty estimation (no extra random draws, so samples are unchanged): ``column_steps``
+    (digit columns worked over all operations), ``carries`` and ``borrows`` (columns that regroup)."""
     lo, hi = 10 ** (spec.digits - 1) if spec.digits > 1 else 0, 10**spec.digits - 1
     value = rng.randint(lo, hi)
     operands, ops, steps, fillers = [value], [], [], []
+    column_steps, regroupings = 0, {"+": 0, "-": 0}
     for _ in range(spec.num_ops):
         op = rng.choice(spec.ops)
         if op == "-" and value < lo:  # keep results non-negative: subtract only what is there
@@ -104,7 +120,10 @@ def make_problem(rng: random.Random, spec: ArithmeticSpec) -> dict:
         n = rng.randint(lo, min(hi, value)) if op == "-" else rng.randint(lo, hi)
         big, small = (value, n)
         steps.append(f"{big}{op}{n}:")
-        steps.extend(_column_steps(big, small, op))
+        columns = _column_steps(big, small, op)
+        steps.extend(columns)
+        column_steps += len(columns)
+        regroupings[op] += _regroupings(big, small, op)
         value = value + n if op == "+" else value - n
         steps.append(f"So {big}{op}{n}={value}.")
         operands.append(n)
@@ -121,6 +140,9 @@ def make_problem(rng: random.Random, spec: ArithmeticSpec) -> dict:
         "reasoning": " ".join(reasoning),
         "answer": str(value),
         "fillers": fillers,
+        "column_steps": column_steps,
+        "carries": regroupings["+"],
+        "borrows": regroupings["-"],
     }
 
 

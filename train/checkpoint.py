@@ -90,3 +90,14 @@ def resolve_resume(resume, run_dir) -> Path | None:
 
 def load_trainer_state(path) -> dict:
     return torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+
+
+def resolve_model_dir(path) -> Path:
+    """``model.path`` may name a checkpoint, a run directory or its ``checkpoints/`` folder: the latter two mean
+    the run's latest checkpoint (so an RL experiment can point at the SFT run it starts from)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    run_dir = path.parent if path.name == "checkpoints" else path
+    found = latest(run_dir)
+    return found if found is not None else path

@@ -122,6 +122,10 @@ def check_rl(cfg: DictConfig) -> None:
     _require(r.get("max_refill_rounds", 0) >= 0, f"rollout.max_refill_rounds={r.get('max_refill_rounds')} must be >= 0")
     if r.get("multi_turn", False):  # single-pass multi-turn documents need a backend that reads the span description
         check_mode("single_pass", cfg.model.attn_backend, max_turns=2)
+    sampler = str(cfg.get("sampler", {}).get("_target_", ""))
+    if sampler.endswith(("BandSampler", "ScheduleSampler")) and not (sampler.endswith("ScheduleSampler") and cfg.sampler.get("key")):
+        _require("correctness" in cfg.reward, f"sampler={sampler.rsplit('.', 1)[-1]} tracks pass rates from the correctness "
+                 "reward: add it (reward=[correctness,...]) or use sampler=uniform")
     _require(r.num_workers >= 1, f"rollout.num_workers={r.num_workers} must be >= 1")
     _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
     _require(

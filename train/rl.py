@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data_pipelines.loading import load_split
 from data_pipelines.multiturn import document_from_prompts
 from data_pipelines.packing import Document, pack_balanced
-from data_pipelines.prompts import PromptSampler, to_prompts
+from data_pipelines.prompts import to_prompts
 from train import checkpoint
 from rewards.registry import build_reward
 from train.config_checks import check_rl
@@ -131,7 +131,10 @@ def run(cfg: DictConfig) -> dict:
     train_rows = load_split(cfg.data, "train", require_assistant=False)
     prompts = (chat_prompts if multi_turn else to_prompts)(train_rows, cfg.data.system_prompt)
     eval_rows = load_split(cfg.data, "eval") if cfg.data.source == "synthetic" or cfg.data.eval_files else []
-    sampler = PromptSampler(prompts, r_cfg.prompts_per_step, cfg.seed)
+    sampler = instantiate(cfg.sampler, prompts=prompts, batch_size=r_cfg.prompts_per_step, seed=cfg.seed)
+    if cfg.model.get("path"):
+        with open_dict(cfg):  # a run directory means its latest checkpoint
+            cfg.model.path = str(checkpoint.resolve_model_dir(cfg.model.path))
     model_path = str(resolve_model_path(cfg.model))
     if "bingo" in cfg.reward and cfg.reward.bingo.get("scorer", {}).get("model", "") is None:
         with open_dict(cfg):  # the self-information scorer defaults to the policy's starting weights
@@ -242,6 +245,8 @@ def run(cfg: DictConfig) -> dict:
         timing["generation"] = timing.get("generation", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         rewards, components = scored(rollouts, turns)
+        if hasattr(sampler, "update"):  # difficulty-aware samplers track each prompt's pass rate
+            sampler.update([batch[r.prompt_index].prompt_id for r in rollouts], components["correctness"].tolist())
         momentum_rewards = None if momentum is None else scored(*momentum)[0]
         timing["reward"] = timing.get("reward", 0.0) + time.perf_counter() - t
         return rollouts, rewards, components, momentum_rewards, [batch[r.prompt_index] for r in rollouts]
@@ -346,12 +351,13 @@ def run(cfg: DictConfig) -> dict:
             for key in ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl"):
                 if key in stats:
                     metrics[f"train/{key}"] = stats[key] / (t_cfg.world_size * t_cfg.micro_batches_per_rank * t_cfg.ppo_epochs)
+            if hasattr(sampler, "metrics"):
+                metrics.update(sampler.metrics())
             history.append(metrics)
             logger.log(metrics, step)
-            samples_every = int(cfg.logger.get("samples_every", 10) or 0)
-            if samples_every and (step % samples_every == 0 or step == 1):
+            if logger.samples_due(step) or step == 1:
                 logger.log_samples("rollout/samples", sample_table(batch_prompts, rollouts, rewards, components), step)
-                logger.log_histogram("rollout/response_length", lengths.tolist(), step)
+                logger.log_histogram("rollout/response_length_hist", lengths.tolist(), step)
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", len=f"{metrics['rollout/response_length_mean']:.0f}")
             if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < t_cfg.max_steps:

@@ -187,3 +187,21 @@ def test_trainer_failure_stops_with_a_clear_message_and_keeps_the_last_checkpoin
     resumed = run(compose(FAST_RL + ["trainer.max_steps=" + str(int(last.name.split("_")[1]) + 1), "trainer.world_size=2",
                                      "trainer.zero_stage=1", f"run_dir={run_dir}", "trainer.resume=auto"]))
     assert resumed["step"] == int(last.name.split("_")[1]) + 1
+
+
+def test_band_sampler_and_multi_turn_rollouts_run_through_the_driver(compose, tmp_path, ray_cleanup):
+    """sampler=band gets each rollout's correctness (its tracker state is checkpointed); multi-turn chats are
+    rolled out turn by turn and trained as single-pass documents; sample tables and length histograms logged."""
+    import torch
+
+    cfg = compose(FAST_RL + ["sampler=band", "rollout.multi_turn=true", "data.synthetic.train.turns=2",
+                             "trainer.max_steps=1", f"run_dir={tmp_path}/mt"])
+    out = run(cfg)
+    (metrics,) = out["history"]
+    assert metrics["sampler/seen_fraction"] == pytest.approx(2 / 2000)  # 2 prompts of the 2000 rolled out
+    state = torch.load(tmp_path / "mt" / "checkpoints" / "step_1" / "trainer_state.pt", weights_only=False)
+    assert len(state["sampler"]["tracker"]["stats"]) == 2  # the 2 prompts' pass-rate counts
+    samples = [json.loads(l) for l in open(tmp_path / "mt" / "samples.jsonl")]
+    assert any(s["table"] == "rollout/samples" and "reward_correctness" in s for s in samples)
+    rows = [json.loads(l) for l in open(tmp_path / "mt" / "metrics.jsonl")]
+    assert any("rollout/response_length_hist_p90" in r for r in rows)
