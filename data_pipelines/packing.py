@@ -170,3 +170,43 @@ def pack_balanced(documents: list[Document], num_batches: int, row_tokens: int, 
         batches.append(collate([[documents[members[j]] for j in row] for row in rows], pad_token_id))
         index.append(ordered)
     return batches, index
+
+
+def one_document_per_row(batch: PackedBatch, pad_token_id: int) -> tuple[PackedBatch, torch.Tensor]:
+    """The documents of packed ``batch`` laid out one per row, right-padded: the layout for models that cannot
+    keep packed documents apart (Mamba-2 without its CUDA kernels, see train/forward.py).
+
+    Returns the padded batch (same ``sample_ids`` order, ``doc_ids`` = row index on tokens, -1 on padding) and
+    ``source`` [docs, width]: the flat index into ``batch``'s [rows * seq] of each token, -1 on padding, so
+    per-token outputs can be put back in the packed layout.
+    """
+    if not batch.plain:
+        raise ValueError("one_document_per_row needs plain documents (one self-visible segment each); single-pass "
+                         "multi-turn rows carry a per-turn mask that a padded row cannot express")
+    device = batch.input_ids.device
+    flat_doc = batch.doc_ids.reshape(-1)  # [rows * seq]
+    real = flat_doc >= 0
+    doc = flat_doc[real]  # [n] row-major, so each document's tokens are contiguous and in order
+    num_docs = len(batch.sample_ids)
+    counts = torch.bincount(doc, minlength=num_docs)  # [docs]
+    width = int(counts.max()) if num_docs else 0
+    slot = torch.arange(len(doc), device=device) - (torch.cumsum(counts, 0) - counts)[doc]  # [n] index in its doc
+
+    def relaid(values: torch.Tensor, fill: int) -> torch.Tensor:
+        out = torch.full((num_docs, width), fill, dtype=values.dtype, device=device)  # [docs, width]
+        out[doc, slot] = values.reshape(-1)[real]
+        return out
+
+    source = relaid(torch.arange(flat_doc.numel(), device=device), -1)
+    on_token = source >= 0  # [docs, width]
+    padded = PackedBatch(
+        input_ids=relaid(batch.input_ids, pad_token_id),
+        labels=relaid(batch.labels, IGNORE_INDEX),
+        position_ids=relaid(batch.position_ids, 0),
+        segment_ids=(~on_token).long(),  # segment 0: the document, 1: tail padding
+        visibility=torch.eye(2, dtype=torch.bool, device=device).expand(num_docs, 2, 2).clone(),
+        doc_ids=torch.where(on_token, torch.arange(num_docs, device=device)[:, None], -1),
+        sample_ids=list(batch.sample_ids),
+        plain=True,
+    )
+    return padded, source

@@ -56,6 +56,8 @@ def compose(tmp_path, model_cache):
                 cfg.model.cache_dir = str(model_cache)
                 if test_model:
                     cfg.model.tiny.arch = dict(TEST_ARCH)
+                    if not any(o.startswith("model.path=") for o in overrides):
+                        cfg.model.path = None  # experiments may start from a run (quickstart_rl); tests use the test model
         return cfg
 
     return _compose

@@ -60,6 +60,10 @@ def check_common(cfg: DictConfig) -> None:
     )
     turns = d.synthetic.train.turns if d.source == "synthetic" else 2  # files: assume multi-turn chats may occur
     check_mode(d.get("multi_turn", "single_pass"), cfg.model.attn_backend, max_turns=turns)
+    arch = (cfg.model.get("tiny") or {}).get("arch") or {}
+    if not cfg.model.get("path") and arch.get("model_type") == "mamba2" and turns > 1:
+        _require(d.get("multi_turn") == "per_turn", "model=tiny_mamba2 has no attention mask for single-pass multi-turn "
+                 "chats: set data.multi_turn=per_turn")
     if d.source == "files":
         _require(len(d.train_files) > 0, "data.train_files is empty: give at least one jsonl/parquet file")
         check_files(d.train_files, "data.train_files")

@@ -2,22 +2,86 @@
 
 Position t's logits predict token t+1, so every returned tensor is [rows, seq - 1] and aligned with
 ``batch.input_ids[:, 1:]`` / ``batch.labels[:, 1:]``.
+
+Attention models read the span description through the attention backend (train/attention.py). State-space
+models (Mamba-2) have no attention mask: their kernels keep packed documents apart with ``seq_idx`` (the
+mamba_ssm / causal_conv1d CUDA kernels). The torch reference implementation (CPU, or no kernels installed)
+cannot reset its state at document boundaries, so there each document runs in its own right-padded row and
+the logits are put back in the packed layout: the caller sees the same batch and the same numbers either way.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 import torch
 import torch.nn.functional as F
 
-from data_pipelines.packing import IGNORE_INDEX, PackedBatch
+from data_pipelines.packing import IGNORE_INDEX, PackedBatch, one_document_per_row
 from train.attention import model_inputs
+from train.model_zoo import ATTENTION_FREE
+
+log = logging.getLogger(__name__)
+
+PADDED_FALLBACK_MESSAGE = (
+    "Mamba-2 on CPU: packing disabled, padded batches (the torch reference kernel cannot reset state at "
+    "document boundaries)"
+)
+_padded_fallback_logged = False  # the message above is logged once per process
+
+
+def is_ssm(model) -> bool:
+    """Whether ``model`` (or the module a DeepSpeed engine wraps) is an attention-free state-space LM."""
+    return getattr(getattr(model, "module", model).config, "model_type", None) in ATTENTION_FREE
+
+
+def ssm_kernels_available(device: torch.device) -> bool:
+    """Mamba-2 CUDA kernels that take ``seq_idx``: mamba_ssm (SSD scan) and causal_conv1d, on a GPU."""
+    return device.type == "cuda" and all(importlib.util.find_spec(p) is not None for p in ("mamba_ssm", "causal_conv1d"))
+
+
+def ssm_logits(model, batch: PackedBatch) -> torch.Tensor:
+    """Logits [rows, seq, vocab] of a Mamba-2 model on packed rows, documents kept apart."""
+    if not batch.plain:
+        raise ValueError(
+            "Mamba-2 has no attention mask, so it cannot run single-pass multi-turn documents (per-turn visibility); "
+            "set data.multi_turn=per_turn"
+        )
+    core = getattr(model, "module", model)  # DeepSpeed engine -> the HF model
+    if ssm_kernels_available(batch.input_ids.device):
+        # GPU kernels reset the state where seq_idx changes (one index per document, the tail padding its own).
+        # Mamba2ForCausalLM.forward does not pass seq_idx on (transformers 5.23), so call backbone + head.
+        # Not exercised by the CPU test suite.
+        seq_idx = torch.where(batch.doc_ids >= 0, batch.doc_ids, len(batch.sample_ids)).to(torch.int32)  # [rows, seq]
+        hidden = core.backbone(input_ids=batch.input_ids, seq_idx=seq_idx, use_cache=False).last_hidden_state
+        return core.lm_head(hidden.to(core.lm_head.weight.dtype)).float()
+    global _padded_fallback_logged
+    if not _padded_fallback_logged:
+        log.warning(PADDED_FALLBACK_MESSAGE)
+        _padded_fallback_logged = True
+    pad_id = core.config.pad_token_id if core.config.pad_token_id is not None else 0
+    padded, source = one_document_per_row(batch, pad_id)  # [docs, width]
+    on_token = source >= 0
+    logits = model(input_ids=padded.input_ids, attention_mask=on_token.long(), use_cache=False).logits  # [docs, width, vocab]
+    rows, seq = batch.input_ids.shape
+    packed = logits.new_zeros(rows * seq, logits.size(-1))
+    packed[source[on_token]] = logits[on_token]
+    return packed.view(rows, seq, -1)  # [rows, seq, vocab], zeros on the tail padding
+
+
+def causal_lm_logits(model, batch: PackedBatch, backend: str) -> torch.Tensor:
+    """Logits [rows, seq, vocab] on packed rows, attention never crossing documents (state never, for SSMs)."""
+    if is_ssm(model):
+        return ssm_logits(model, batch)
+    return model(**model_inputs(batch, backend), use_cache=False).logits
 
 
 def token_logprobs(
     model, batch: PackedBatch, backend: str, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(x_{t+1} | x_{<=t}) for every position, [rows, seq-1]; entropy of pi(.|x_{<=t}) if asked."""
-    logits = model(**model_inputs(batch, backend), use_cache=False).logits[:, :-1].float()  # [rows, seq-1, vocab]
+    logits = causal_lm_logits(model, batch, backend)[:, :-1].float()  # [rows, seq-1, vocab]
     if temperature != 1.0:
         logits = logits / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
@@ -32,7 +96,7 @@ def token_logprobs(
 def sft_loss_sum(model, batch: PackedBatch, backend: str) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over loss tokens, number of loss tokens). Divide by the total over the
     accumulation window so that gradient accumulation equals one large batch."""
-    logits = model(**model_inputs(batch, backend), use_cache=False).logits[:, :-1].float()
+    logits = causal_lm_logits(model, batch, backend)[:, :-1].float()
     targets = batch.labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())

@@ -3,7 +3,8 @@
 ``model=tiny`` builds a small Qwen2-architecture causal LM from a config and a byte-level BPE tokenizer
 trained locally on synthetic arithmetic text (no hub access), saves both in Hugging Face format under
 ``model.cache_dir``, and then loads them with ``from_pretrained(path)``: exactly what happens for a real model
-given by ``model.path=/path/to/checkpoint``.
+given by ``model.path=/path/to/checkpoint``. ``model=tiny_mamba2`` is the same with an attention-free Mamba-2
+(``Mamba2ForCausalLM``) and the same tokenizer; any ``model_type`` transformers knows can be built this way.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ PAD = "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END]
 REASONING_TOKENS = [THINK_OPEN, THINK_CLOSE]  # added tokens that stay visible in decoded text
 ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention_2"}
+ATTENTION_FREE = ("mamba2",)  # model types without attention (no attn_implementation to pick)
 
 
 def _training_corpus(num_chats: int = 3000) -> list[str]:
@@ -124,7 +126,10 @@ def load_tokenizer(path):
 
 
 def load_model(path, attn_backend: str = "sdpa", dtype: torch.dtype = torch.float32, device="cpu"):
-    """``from_pretrained`` with the attention implementation the backend needs (see train.attention)."""
+    """``from_pretrained`` with the attention implementation the backend needs (see train.attention).
+    Attention-free models (Mamba-2) ignore ``attn_backend``: train/forward.py keeps their documents apart."""
+    if AutoConfig.from_pretrained(path).model_type in ATTENTION_FREE:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model = AutoModelForCausalLM.from_pretrained(
         path, attn_implementation=ATTN_IMPLEMENTATIONS[attn_backend], dtype=dtype
     )
