@@ -14,8 +14,8 @@ from pathlib import Path
 
 PANELS = {
     "loss": ["train/loss"],
-    "reward": ["reward/total", "reward/mean"],
-    "accuracy": ["eval/accuracy", "rollout/accuracy", "reward/accuracy"],
+    "reward": ["reward/total"],
+    "accuracy": ["eval/accuracy", "reward/correctness"],  # RL: the mean correctness reward is the rollout accuracy
     "response_length": ["eval/response_length_mean", "rollout/response_length_mean", "rollout/response_length_p90"],
     "kl": ["train/kl", "train/kl_mean"],
     "throughput": ["perf/tokens_per_s"],
