@@ -81,6 +81,12 @@ def rollouts_to_documents(rollouts, mask_truncated: bool = False) -> list[Docume
     return documents
 
 
+def make_sampler(sampler_cfg, prompts, batch_size: int, seed: int):
+    """The ``sampler`` group's prompt sampler. ``_partial_``: the prompts must reach it as objects (instantiate
+    would turn call-time arguments into configs: dataclasses to DictConfig, lists to ListConfig)."""
+    return instantiate(sampler_cfg, _partial_=True)(prompts=prompts, batch_size=batch_size, seed=seed)
+
+
 def sample_table(owners, rollouts, rewards, components, per_group: int = 2, max_rows: int = 16) -> list[dict]:
     """Rows of the W&B sample table: the first ``per_group`` responses of each prompt, up to ``max_rows``."""
     rows, seen = [], {}
@@ -131,7 +137,7 @@ def run(cfg: DictConfig) -> dict:
     train_rows = load_split(cfg.data, "train", require_assistant=False)
     prompts = (chat_prompts if multi_turn else to_prompts)(train_rows, cfg.data.system_prompt)
     eval_rows = load_split(cfg.data, "eval") if cfg.data.source == "synthetic" or cfg.data.eval_files else []
-    sampler = instantiate(cfg.sampler, prompts=prompts, batch_size=r_cfg.prompts_per_step, seed=cfg.seed)
+    sampler = make_sampler(cfg.sampler, prompts, r_cfg.prompts_per_step, cfg.seed)
     if cfg.model.get("path"):
         with open_dict(cfg):  # a run directory means its latest checkpoint
             cfg.model.path = str(checkpoint.resolve_model_dir(cfg.model.path))

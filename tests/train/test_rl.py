@@ -205,3 +205,17 @@ def test_band_sampler_and_multi_turn_rollouts_run_through_the_driver(compose, tm
     assert any(s["table"] == "rollout/samples" and "reward_correctness" in s for s in samples)
     rows = [json.loads(l) for l in open(tmp_path / "mt" / "metrics.jsonl")]
     assert any("rollout/response_length_hist_p90" in r for r in rows)
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "band", "schedule"])
+def test_samplers_get_the_prompts_as_objects(compose, sampler):
+    """Prompts (and their metadata: lists, dicts) reach every sampler unchanged, not as OmegaConf containers
+    (reward functions such as Bingo's exact-label scorer read list metadata)."""
+    from data_pipelines.arithmetic import ArithmeticSpec, generate
+    from data_pipelines.prompts import Prompt, to_prompts
+    from train.rl import make_sampler
+
+    cfg = compose(["experiment=quickstart_rl", f"sampler={sampler}"])
+    prompts = to_prompts(generate(ArithmeticSpec(verbosity=1.0), 12, seed=3))
+    batch = make_sampler(cfg.sampler, prompts, 4, 0).next()
+    assert len(batch) == 4 and all(type(p) is Prompt and type(p.meta["filler_sentences"]) is list for p in batch)
