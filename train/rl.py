@@ -110,7 +110,8 @@ def make_loss_fn(objective, normalizer: float):
         lp, mask = per_document(logprobs, batch)  # [docs, resp_len]
         ent, _ = per_document(entropy, batch)
         width = lp.shape[1]
-        old = extra["old_logprobs"][:, :width]
+        # no recorded pi_old: one update from the weights that sampled, so pi_old is pi itself (ratio exactly 1)
+        old = extra["old_logprobs"][:, :width] if extra["old_logprobs"] is not None else lp.detach()
         ref = extra["ref_logprobs"][:, :width] if extra.get("ref_logprobs") is not None else None
         loss, metrics = objective(lp, old, extra["advantages"], mask, ref_logprobs=ref, normalizer=normalizer)
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -287,10 +288,20 @@ def run(cfg: DictConfig) -> dict:
                 continue
 
             documents = rollouts_to_documents(rollouts, bool(a_cfg.get("mask_truncated", False)))
-            micro, members = pack_balanced(documents, micro_batches, t_cfg.row_tokens, tokenizer.pad_token_id)
-            t = time.perf_counter()
-            old, masks = zip(*[per_document(lp, b) for lp, b in zip(trainer.logprobs(micro), micro)])
-            timing["old_logprobs"] = time.perf_counter() - t
+            # sdpa builds a dense [row, row] mask per row: rows as long as the longest document waste no attention
+            # (flex and flash skip masked blocks, so they keep the long rows)
+            row_tokens = t_cfg.row_tokens
+            if cfg.model.attn_backend == "sdpa":
+                row_tokens = min(row_tokens, max(len(d) for d in documents))
+            micro, members = pack_balanced(documents, micro_batches, row_tokens, tokenizer.pad_token_id)
+            # pi_old log-probs need their own forward only when the update cannot produce them: several PPO epochs
+            # (later epochs see moved weights) or KL folded into the reward (needed before the advantages). With one
+            # epoch the update's own log-probs, detached, are exactly pi_old (as in TRL).
+            old, masks = [None] * len(micro), [None] * len(micro)
+            if t_cfg.ppo_epochs > 1 or kl_reward is not None:
+                t = time.perf_counter()
+                old, masks = zip(*[per_document(lp, b) for lp, b in zip(trainer.logprobs(micro), micro)])
+                timing["old_logprobs"] = time.perf_counter() - t
             ref = [None] * len(micro)
             if reference is not None:
                 t = time.perf_counter()

@@ -1,0 +1,377 @@
+"""Time per RL step, split by phase: our RL recipe vs TRL's GRPOTrainer, same model, prompts, batch and budget.
+
+    python bench/rl_step.py                                  # P 8 prompts x G 8, 96 new tokens, 2 warm-up + 5 steps
+    python bench/rl_step.py --world-size 2 --workers 2       # ours with 2 trainer ranks and 2 rollout workers
+    python bench/rl_step.py --model-path runs/<date>/<time>/checkpoints/step_1500   # a trained policy
+    python bench/rl_step.py --ours data.max_seq_len=160 trainer.row_tokens=160   # rows sized to the rollouts
+    python bench/rl_step.py --trl-threads 1                  # TRL's process on one torch thread
+
+Both sides run GRPO (beta 0 unless --beta, clip 0.2, seq-mean-token-mean = TRL loss_type "grpo", AdamW lr 2e-5,
+betas 0.9/0.95, grad clip 1.0, fp32, sdpa) on the same weights (the embedded tiny model unless --model-path),
+the same P prompts per step in the same order (our cfg.sampler; TRL gets them as an unshuffled dataset), G
+samples each at temperature 1 with at most L new tokens, and the same reward (our configured reward, by default
+correctness + format). Each optimizer step sees all P*G completions in one update (ours: one micro-batch per
+rank; TRL: per_device_train_batch_size = P*G, one generation batch per step).
+
+Measured, after --warmup steps (DeepSpeed/Ray/allocator first-use costs) and over the next --steps steps:
+- s/step (wall): time between the ends of consecutive steps, i.e. everything the loop does per step (ours:
+  between two per-step metric logs; TRL: between two ``on_step_end`` callbacks). Start-up (Ray, actors,
+  DeepSpeed init, model loads) and the end of the run (our final eval and checkpoint) are outside it.
+- phases: ours from the recipe's own perf/time_* metrics (generation = Ray round trip to the rollout worker;
+  old log-probs and update = Ray round trips to the trainer ranks; weight sync = gather + object store + load);
+  TRL by timing its own methods (_generate, _calculate_rewards, _generate_and_score_completions, compute_loss).
+  "other" is wall minus the listed phases (ours: packing, per_document, advantages, metrics, logging; TRL:
+  tokenizing/padding/advantages inside scoring, dataloader, callbacks).
+Completion lengths of both sides are printed: with temperature-1 sampling from the same weights they should be
+close; tokens/s divides generated tokens by wall time, so it stays comparable when they differ.
+Threads: our trainer ranks take cpu_count // world_size torch threads, our rollout workers one (Ray sets
+OMP_NUM_THREADS=1 for their num_cpus=0 actors); TRL runs in this process with torch's default (all cores) unless
+--trl-threads. On a CPU shared with other jobs, a multi-threaded process can lose several times its speed
+(OpenMP threads wait for each other), so look at the load averages printed and compare within one run only: the
+speed ratio printed (of median s/step) is measured in this one run and is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import torch  # noqa: E402
+
+OUR_PHASES = ("generation", "reward", "old_logprobs", "reference", "update", "weight_sync")
+
+
+def compose_config(args, run_dir: str):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    overrides = [
+        "experiment=quickstart_rl",
+        "algorithm=grpo",
+        f"algorithm.group_size={args.group}",
+        f"algorithm.kl.beta={args.beta}",
+        f"rollout.prompts_per_step={args.prompts}",
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+        f"rollout.num_workers={args.workers}",
+        f"trainer.world_size={args.world_size}",
+        f"trainer.max_steps={args.warmup + args.steps}",
+        "trainer.eval_at_start=false",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "trainer.resume=null",
+        "data.synthetic.eval.num_samples=4",  # the recipe's final eval runs after the measured steps; keep it short
+        "logger.mode=disabled",
+        f"model.cache_dir={REPO / '.cache' / 'models'}",
+        f"seed={args.seed}",
+        f"model.path={args.model_path or 'null'}",  # null: the embedded tiny model, whatever the experiment starts from
+        *args.ours,
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.run_dir = run_dir
+    return cfg
+
+
+def step_prompts(cfg, num_steps: int) -> list[list]:
+    """The prompts our recipe draws at each step (same data, same sampler, same seed). Exact for samplers that
+    do not adapt to rewards (the default ``sampler=uniform``)."""
+    from hydra.utils import instantiate
+
+    from data_pipelines.loading import load_split
+    from data_pipelines.prompts import to_prompts
+
+    prompts = to_prompts(load_split(cfg.data, "train", require_assistant=False), cfg.data.system_prompt)
+    sampler = instantiate(cfg.sampler, prompts=prompts, batch_size=cfg.rollout.prompts_per_step, seed=cfg.seed)
+    return [sampler.next() for _ in range(num_steps)]
+
+
+def model_path_of(cfg) -> str:
+    """The weights both sides start from (a run directory means its latest checkpoint, as in the recipe)."""
+    from train.checkpoint import resolve_model_dir
+    from train.model_zoo import resolve_model_path
+
+    if cfg.model.get("path"):
+        return str(resolve_model_dir(cfg.model.path))
+    return str(resolve_model_path(cfg.model))
+
+
+# -- ours ------------------------------------------------------------------------------------------------------
+def run_ours(cfg, warmup: int) -> dict:
+    """Our recipe end to end; per-step wall time from the moments it logs each step's metrics."""
+    import ray
+
+    import train.rl
+    from train.__main__ import run
+
+    stamps: list[float] = []
+
+    class ClockedLogger(train.rl.RunLogger):
+        def log(self, metrics, step):
+            super().log(metrics, step)
+            if "reward/total" in metrics:  # a step's metrics (not the final eval's)
+                stamps.append(time.perf_counter())
+
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
+    with mock.patch.object(train.rl, "RunLogger", ClockedLogger):
+        out = run(cfg)
+    total = time.perf_counter() - start
+    ray.shutdown()
+    history = out["history"]
+    if len(history) != len(stamps) or len(history) <= warmup:
+        raise RuntimeError(f"ours: {len(history)} updates logged for {len(stamps)} steps; expected > {warmup} (skipped updates?)")
+    measured = history[warmup:]
+    walls = [b - a for a, b in zip(stamps[warmup - 1 :], stamps[warmup:])]
+    phases = {p: statistics.mean(h.get(f"perf/time_{p}", 0.0) for h in measured) for p in OUR_PHASES}
+    return {
+        "phases": phases,
+        "wall": statistics.mean(walls),
+        "walls": walls,
+        "length": statistics.mean(h["rollout/response_length_mean"] for h in measured),
+        "reward": statistics.mean(h["reward/total"] for h in measured),
+        "total": total,
+        "load": (load_before, os.getloadavg()[0]),
+        # trainer ranks: PolicyTrainer sets cpu_count // world_size; rollout workers are num_cpus=0 actors, for
+        # which Ray sets OMP_NUM_THREADS=1
+        "threads": f"{max(1, (os.cpu_count() or 1) // cfg.trainer.world_size)}/rank, 1/rollout worker",
+    }
+
+
+# -- TRL -------------------------------------------------------------------------------------------------------
+def trl_config(cfg, args, output_dir: str):
+    """GRPOConfig matching our run: one optimizer step per generation batch of P*G completions (trl 1.16:
+    per_device_train_batch_size counts completions; generation_batch_size defaults to it times
+    steps_per_generation = gradient_accumulation_steps = 1), the same sampling, loss and optimizer."""
+    from trl import GRPOConfig
+
+    t_cfg = cfg.trainer
+    return GRPOConfig(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,  # TRL defaults to gradient checkpointing; ours does not recompute activations
+        per_device_train_batch_size=args.prompts * args.group,  # completions per micro-batch: the whole step
+        gradient_accumulation_steps=1,
+        num_generations=args.group,
+        max_completion_length=args.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=0,
+        beta=args.beta,
+        epsilon=0.2,
+        loss_type="grpo",  # seq-mean-token-mean, as our algorithm=grpo
+        scale_rewards="group",
+        num_iterations=1,
+        shuffle_dataset=False,  # the dataset is already our sampler's order
+        max_steps=args.warmup + args.steps,
+        learning_rate=float(t_cfg.lr),
+        adam_beta1=float(t_cfg.betas[0]),
+        adam_beta2=float(t_cfg.betas[1]),
+        weight_decay=float(t_cfg.weight_decay),
+        max_grad_norm=float(t_cfg.max_grad_norm),
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=args.seed,
+    )
+
+
+def run_trl(cfg, batches: list[list], args, output_dir: str) -> dict:
+    """TRL's GRPOTrainer on the same prompts; per-step wall from on_step_end, phases by timing its methods."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from rewards.registry import build_reward
+    from train.model_zoo import load_model, load_tokenizer
+
+    model_path = model_path_of(cfg)
+    ordered = [p for batch in batches for p in batch]  # row i of the dataset is ordered[i]
+    dataset = Dataset.from_list([{"prompt": p.text, "prompt_index": i} for i, p in enumerate(ordered)])
+    reward_fn = build_reward(cfg.reward)
+    tokenizer = load_tokenizer(model_path)
+    eos = tokenizer.eos_token_id
+    lengths: list[list[int]] = []  # completion lengths, one list per step
+    rewards: list[float] = []  # mean reward, one per step
+
+    def reward(prompts, completions, completion_ids, prompt_index, **_):
+        """Our reward, with the metadata our recipe passes (answer, difficulty, truncated)."""
+        owners = [ordered[i] for i in prompt_index]
+        lengths.append([len(c) for c in completion_ids])
+        total, _, _ = reward_fn(
+            [p.text for p in owners], completions, completion_ids,
+            [{**p.meta, "answer": p.answer, "truncated": eos not in c} for p, c in zip(owners, completion_ids)],
+            step=len(lengths) - 1, group_size=args.group,
+        )
+        rewards.append(total.mean().item())
+        return total.tolist()
+
+    config = trl_config(cfg, args, output_dir)
+    ends: list[float] = []
+    spans: list[float] = []
+    phases: list[dict] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.begin = time.perf_counter()
+            phases.append({})
+
+        def on_step_end(self, *_, **__):
+            now = time.perf_counter()
+            spans.append(now - self.begin)
+            ends.append(now)
+
+    start = time.perf_counter()
+    model = load_model(model_path, cfg.model.attn_backend, torch.float32)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[Clock()])
+    for name in ("_generate", "_calculate_rewards", "_generate_and_score_completions", "compute_loss"):
+        method = getattr(trainer, name)
+
+        def timed(*a, _method=method, _name=name, **k):
+            t = time.perf_counter()
+            try:
+                return _method(*a, **k)
+            finally:
+                phases[-1][_name] = phases[-1].get(_name, 0.0) + time.perf_counter() - t
+
+        setattr(trainer, name, timed)
+    load_before = os.getloadavg()[0]
+    trainer.train()
+    total = time.perf_counter() - start
+    reward_fn.close()
+    warmup = args.warmup
+    walls = [b - a for a, b in zip(ends[warmup - 1 :], ends[warmup:])]
+    measured = phases[warmup:]
+    mean = lambda key: statistics.mean(p.get(key, 0.0) for p in measured)  # noqa: E731
+    generation, reward_s, scoring = mean("_generate"), mean("_calculate_rewards"), mean("_generate_and_score_completions")
+    update = statistics.mean(spans[warmup:]) - scoring
+    return {
+        "phases": {"generation": generation, "reward": reward_s, "scoring_other": scoring - generation - reward_s,
+                   "update": update, "update_forward": mean("compute_loss")},
+        "wall": statistics.mean(walls),
+        "walls": walls,
+        "length": statistics.mean(statistics.mean(step) for step in lengths[warmup:]),
+        "reward": statistics.mean(rewards[warmup:]),
+        "total": total,
+        "load": (load_before, os.getloadavg()[0]),
+        "threads": f"{torch.get_num_threads()} (one process)",
+    }
+
+
+# -- report ----------------------------------------------------------------------------------------------------
+def report(args, ours: dict, trl: dict) -> None:
+    completions = args.prompts * args.group
+    fmt = lambda v: f"{'-':>8s}" if v is None else f"{v:8.3f}"  # noqa: E731
+    o, t = ours["phases"], trl["phases"]
+    trl_phases = t["generation"] + t["reward"] + t["scoring_other"] + t["update"]
+    rows = [
+        ("generation (P*G completions; ours: Ray call to the rollout worker)", o["generation"], t["generation"]),
+        ("reward", o["reward"], t["reward"]),
+        ("old log-probs (ours: extra forward; TRL: detached update logps)", o["old_logprobs"], None),
+        ("reference log-probs (beta > 0; TRL: inside scoring rest)", o["reference"] if args.beta > 0 else None, None),
+        ("TRL scoring rest (tokenize, pad, advantages[, ref])", None, t["scoring_other"]),
+        ("update (forward + backward + optimizer)", o["update"], t["update"]),
+        ("  of which loss forward (TRL compute_loss)", None, t["update_forward"]),
+        ("weight sync (ours: trainer -> rollout worker)", o["weight_sync"], None),
+        ("other (packing, advantages, metrics, logging, loop)", ours["wall"] - sum(o.values()), trl["wall"] - trl_phases),
+    ]
+    print(f"\nRL step, ours vs TRL GRPOTrainer: P {args.prompts} prompts x G {args.group}, max_new_tokens "
+          f"{args.max_new_tokens}, beta {args.beta}, model {args.model_path or 'embedded tiny'}; ours: world_size "
+          f"{args.world_size}, rollout workers {args.workers}{', ' + ' '.join(args.ours) if args.ours else ''}")
+    print(f"phases: mean over {args.steps} steps after {args.warmup} warm-up; torch {torch.__version__}, {os.cpu_count()} CPUs; "
+          f"1-min load average (start/end of each side): ours {ours['load'][0]:.1f}/{ours['load'][1]:.1f}, "
+          f"TRL {trl['load'][0]:.1f}/{trl['load'][1]:.1f}")
+    header = f"{'seconds per step':68s} {'ours':>8s} {'TRL':>8s}"
+    print(header)
+    print("-" * len(header))
+    for name, a, b in rows:
+        print(f"{name:68s} {fmt(a)} {fmt(b)}")
+    print("-" * len(header))
+    for label, stat in (("s/step (wall, end to end), mean", statistics.mean), ("  median", statistics.median),
+                        ("  fastest step", min), ("  slowest step", max)):
+        print(f"{label:68s} {fmt(stat(ours['walls']))} {fmt(stat(trl['walls']))}")
+    print(f"{'mean completion length (tokens)':68s} {ours['length']:8.1f} {trl['length']:8.1f}")
+    print(f"{'mean reward':68s} {ours['reward']:8.3f} {trl['reward']:8.3f}")
+    gen_o, gen_t = completions * ours["length"], completions * trl["length"]
+    print(f"{'generated tokens/s (end to end, mean s/step)':68s} {gen_o / ours['wall']:8.0f} {gen_t / trl['wall']:8.0f}")
+    print(f"{'generated tokens/s (generation phase only)':68s} {gen_o / o['generation']:8.0f} {gen_t / t['generation']:8.0f}")
+    print(f"{'run total incl. start-up and teardown (s)':68s} {ours['total']:8.1f} {trl['total']:8.1f}")
+    print(f"torch threads: ours {ours['threads']}; TRL {trl['threads']}")
+    ratio = lambda stat: stat(trl["walls"]) / stat(ours["walls"])  # noqa: E731
+    per_token = ratio(statistics.median) * gen_o / gen_t
+    print(f"\nours/TRL speedup = TRL s/step / ours s/step: median {ratio(statistics.median):.2f}x, mean "
+          f"{ratio(statistics.mean):.2f}x, fastest steps {ratio(min):.2f}x; per generated token (median) {per_token:.2f}x; "
+          f"target >= 1.5x (median): {'met' if ratio(statistics.median) >= 1.5 else 'NOT met'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=8, help="P: prompts per step")
+    parser.add_argument("--group", type=int, default=8, help="G: completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="L: generation budget")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=2, help="steps run first and not measured (>= 1)")
+    parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (> 0 adds a reference model on both sides)")
+    parser.add_argument("--workers", type=int, default=1, help="ours: rollout worker actors")
+    parser.add_argument("--world-size", type=int, default=1, help="ours: trainer ranks")
+    parser.add_argument("--model-path", default=None, help="a local HF checkpoint or run dir (default: the embedded tiny model)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side (prints its numbers)")
+    parser.add_argument("--trl-threads", type=int, default=None, help="torch threads of the TRL process (default: torch's)")
+    parser.add_argument("--trl-first", action="store_true", help="run TRL before ours (load on the machine drifts)")
+    parser.add_argument("--ours", nargs="*", default=[],
+                        help="extra Hydra overrides of our config, e.g. trainer.row_tokens=160 (its data, reward and "
+                        "rollout sampling keys also set TRL's prompts, reward and temperature)")
+    args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (a step's wall time runs from the previous step's end)")
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="bench_rl_step_") as tmp:
+        cfg = compose_config(args, str(Path(tmp) / "ours"))
+        results = {}
+
+        def ours():
+            results["ours"] = run_ours(cfg, args.warmup)
+
+        def trl():
+            if args.trl_threads:
+                torch.set_num_threads(args.trl_threads)
+            with contextlib.chdir(tmp):
+                results["trl"] = run_trl(cfg, step_prompts(cfg, args.warmup + args.steps), args, str(Path(tmp) / "trl"))
+
+        sides = {"ours": ours, "trl": trl}
+        for name in (["trl", "ours"] if args.trl_first else ["ours", "trl"]):
+            if args.only in (None, name):
+                sides[name]()
+                r = results[name]
+                print(f"{name}: {r['wall']:.3f} s/step, phases " + ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items())
+                      + f"; completion length {r['length']:.1f}", flush=True)
+        if len(results) == 2:
+            report(args, results["ours"], results["trl"])
+
+
+if __name__ == "__main__":
+    main()
