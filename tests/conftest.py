@@ -61,3 +61,15 @@ def compose(tmp_path, model_cache):
         return cfg
 
     return _compose
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: tiny models gain nothing from more, and on a shared 2-core machine
+    OpenMP threads spinning against other processes made steps ~10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

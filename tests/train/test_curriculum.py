@@ -14,14 +14,7 @@ from data_pipelines.batching import PackedBatchStream
 from train.__main__ import run
 from train.curriculum import CurriculumError, lr_factor
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine OpenMP threads
-    spinning against other processes made steps ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BASE = [

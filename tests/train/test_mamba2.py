@@ -15,14 +15,7 @@ from train import forward
 from train.forward import per_document, sft_loss_sum, token_logprobs
 from train.model_zoo import load_model, load_tokenizer, resolve_model_path
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine OpenMP threads
-    spinning against other processes made steps ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MAMBA_TEST_ARCH = {
