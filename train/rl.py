@@ -14,6 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from hydra.utils import instantiate
@@ -79,6 +80,22 @@ def rollouts_to_documents(rollouts, mask_truncated: bool = False) -> list[Docume
                                       [False] * len(r.prompt_ids) + [not (mask_truncated and r.truncated)] * len(r.response_ids),
                                       sample_id=str(i)))
     return documents
+
+
+class Sampled(NamedTuple):
+    """One sampling round: rollouts grouped by prompt, their rewards [B] and components, the momentum model's
+    rewards [B] (AAPO, else None) and the prompt of each rollout."""
+
+    rollouts: list
+    rewards: torch.Tensor
+    components: dict
+    momentum_rewards: torch.Tensor | None
+    owners: list
+
+    def select(self, index: torch.Tensor) -> "Sampled":
+        keep = index.tolist()
+        return Sampled([self.rollouts[i] for i in keep], self.rewards[index], {k: v[index] for k, v in self.components.items()},
+                       None if self.momentum_rewards is None else self.momentum_rewards[index], [self.owners[i] for i in keep])
 
 
 def make_sampler(sampler_cfg, prompts, batch_size: int, seed: int):
@@ -175,14 +192,14 @@ def run(cfg: DictConfig) -> dict:
     if a_cfg.get("momentum_rollout"):
         momentum_pool = RolloutPool(r_cfg.num_workers, model_path, cfg.seed + 7_919, backend=r_cfg.backend, **res["rollout"])
 
-    step, version = 0, 0
+    step = 0
     if resume_from is not None:
         state = checkpoint.load_trainer_state(resume_from)
         trainer.load_state(str(resume_from))
         sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
-        step = version = state["step"]
-        pool.sync(trainer.full_state_dict(), version)
+        step = state["step"]
+        pool.sync(trainer.full_state_dict(), step)
         if momentum_pool is not None and (resume_from / MOMENTUM_FILE).exists():
             momentum_state = torch.load(resume_from / MOMENTUM_FILE)
             momentum_pool.sync(momentum_state, step)
@@ -256,7 +273,7 @@ def run(cfg: DictConfig) -> dict:
             sampler.update([batch[r.prompt_index].prompt_id for r in rollouts], components["correctness"].tolist())
         momentum_rewards = None if momentum is None else scored(*momentum)[0]
         timing["reward"] = timing.get("reward", 0.0) + time.perf_counter() - t
-        return rollouts, rewards, components, momentum_rewards, [batch[r.prompt_index] for r in rollouts]
+        return Sampled(rollouts, rewards, components, momentum_rewards, [batch[r.prompt_index] for r in rollouts])
 
     try:
         while step < t_cfg.max_steps:
@@ -267,19 +284,17 @@ def run(cfg: DictConfig) -> dict:
             while kept_groups < r_cfg.prompts_per_step and attempt <= (r_cfg.max_refill_rounds if dynamic else 0):
                 part = sample_and_score(sampler.next(), attempt)
                 if dynamic is not None:
-                    keep, dropped = dynamic(part[1], group_size)
+                    keep, dropped = dynamic(part.rewards, group_size)
                     dropped_groups += dropped
-                    index = keep.nonzero().squeeze(1)[: (r_cfg.prompts_per_step - kept_groups) * group_size]
-                    part = ([part[0][i] for i in index.tolist()], part[1][index], {k: v[index] for k, v in part[2].items()},
-                            None if part[3] is None else part[3][index], [part[4][i] for i in index.tolist()])
-                kept_groups += len(part[0]) // group_size
+                    part = part.select(keep.nonzero().squeeze(1)[: (r_cfg.prompts_per_step - kept_groups) * group_size])
+                kept_groups += len(part.rollouts) // group_size
                 parts.append(part)
                 attempt += 1
-            rollouts = [r for part in parts for r in part[0]]
-            batch_prompts = [p for part in parts for p in part[4]]
-            rewards = torch.cat([part[1] for part in parts])
-            components = {k: torch.cat([part[2][k] for part in parts]) for k in parts[0][2]}
-            momentum_rewards = None if momentum_pool is None else torch.cat([part[3] for part in parts])
+            rollouts = [r for part in parts for r in part.rollouts]
+            batch_prompts = [p for part in parts for p in part.owners]
+            rewards = torch.cat([part.rewards for part in parts])
+            components = {k: torch.cat([part.components[k] for part in parts]) for k in parts[0].components}
+            momentum_rewards = None if momentum_pool is None else torch.cat([part.momentum_rewards for part in parts])
             if len(rollouts) < micro_batches:  # every group was dropped: nothing to learn from this step
                 step += 1
                 logger.log({"rollout/dropped_groups": dropped_groups, "rollout/kept_groups": kept_groups,
