@@ -1,6 +1,7 @@
 """Time per RL step, split by phase: our RL recipe vs TRL's GRPOTrainer, same model, prompts, batch and budget.
 
     python bench/rl_step.py                                  # P 8 prompts x G 8, 96 new tokens, 2 warm-up + 5 steps
+    python bench/rl_step.py --no-async                       # ours on-policy vs TRL only
     python bench/rl_step.py --world-size 2 --workers 2       # ours with 2 trainer ranks and 2 rollout workers
     python bench/rl_step.py --model-path runs/<date>/<time>/checkpoints/step_1500   # a trained policy
     python bench/rl_step.py --ours data.max_seq_len=160 trainer.row_tokens=160   # rows sized to the rollouts
@@ -24,11 +25,15 @@ Measured, after --warmup steps (DeepSpeed/Ray/allocator first-use costs) and ove
   tokenizing/padding/advantages inside scoring, dataloader, callbacks).
 Completion lengths of both sides are printed: with temperature-1 sampling from the same weights they should be
 close; tokens/s divides generated tokens by wall time, so it stays comparable when they differ.
-Threads: our trainer ranks take cpu_count // world_size torch threads, our rollout workers one (Ray sets
-OMP_NUM_THREADS=1 for their num_cpus=0 actors); TRL runs in this process with torch's default (all cores) unless
---trl-threads. On a CPU shared with other jobs, a multi-threaded process can lose several times its speed
-(OpenMP threads wait for each other), so look at the load averages printed and compare within one run only: the
-speed ratio printed (of median s/step) is measured in this one run and is not a test.
+Sides: "ours" is the recipe on-policy (rollout.async_steps=0: generate, then update); "ours async" is
+rollout.async_steps=1 (the next step's rollouts are generated during this step's update, so they are one policy
+version old when trained on: a different algorithm from TRL's on-policy GRPO, reported apart); TRL last.
+Threads: on CPU the recipe gives every phase all cores when phases alternate (trainer ranks cpu_count // world_size,
+rollout workers cpu_count // workers) and splits them in half when generation overlaps the update; TRL runs in
+this process with torch's default (all cores) unless --trl-threads. On a CPU shared with other jobs, a
+multi-threaded process can lose several times its speed (OpenMP threads wait for each other), so look at the load
+averages printed and compare within one run only: the speed ratios printed (of median s/step) are measured in this
+one run and are not a test.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ import torch  # noqa: E402
 OUR_PHASES = ("generation", "reward", "old_logprobs", "reference", "update", "weight_sync")
 
 
-def compose_config(args, run_dir: str):
+def compose_config(args, run_dir: str, extra: tuple = ()):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
@@ -78,6 +83,7 @@ def compose_config(args, run_dir: str):
         f"model.cache_dir={REPO / '.cache' / 'models'}",
         f"seed={args.seed}",
         f"model.path={args.model_path or 'null'}",  # null: the embedded tiny model, whatever the experiment starts from
+        *extra,
         *args.ours,
     ]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
@@ -145,10 +151,18 @@ def run_ours(cfg, warmup: int) -> dict:
         "reward": statistics.mean(h["reward/total"] for h in measured),
         "total": total,
         "load": (load_before, os.getloadavg()[0]),
-        # trainer ranks: PolicyTrainer sets cpu_count // world_size; rollout workers are num_cpus=0 actors, for
-        # which Ray sets OMP_NUM_THREADS=1
-        "threads": f"{max(1, (os.cpu_count() or 1) // cfg.trainer.world_size)}/rank, 1/rollout worker",
+        "threads": "{}/rank, {}/rollout worker".format(*threads_of(cfg)),
     }
+
+
+def threads_of(cfg) -> tuple:
+    """Torch threads per trainer rank and per rollout worker, as the recipe sets them."""
+    from train.rl import cpu_threads
+
+    overlap = int(cfg.rollout.get("async_steps", 0)) == 1
+    trainer, rollout = cpu_threads(os.cpu_count() or 1, cfg.trainer.world_size, cfg.rollout.num_workers, overlap,
+                                   cfg.cluster.placement)
+    return cfg.trainer.get("num_threads") or trainer, cfg.rollout.get("num_threads") or rollout
 
 
 # -- TRL -------------------------------------------------------------------------------------------------------
@@ -279,49 +293,65 @@ def run_trl(cfg, batches: list[list], args, output_dir: str) -> dict:
 
 
 # -- report ----------------------------------------------------------------------------------------------------
-def report(args, ours: dict, trl: dict) -> None:
+def report(args, sides: dict) -> None:
+    """One table, a column per side run (ours on-policy, ours with rollout.async_steps=1, TRL)."""
     completions = args.prompts * args.group
-    fmt = lambda v: f"{'-':>8s}" if v is None else f"{v:8.3f}"  # noqa: E731
-    o, t = ours["phases"], trl["phases"]
-    trl_phases = t["generation"] + t["reward"] + t["scoring_other"] + t["update"]
+    fmt = lambda v: f"{'-':>12s}" if v is None else f"{v:12.3f}"  # noqa: E731
+    names = list(sides)
+
+    def per_side(ours_value, trl_value):
+        return [trl_value(sides[n]) if n == "TRL" else ours_value(sides[n]) for n in names]
+
+    def trl_other(t):
+        p = t["phases"]
+        return t["wall"] - (p["generation"] + p["reward"] + p["scoring_other"] + p["update"])
+
     rows = [
-        ("generation (P*G completions; ours: Ray call to the rollout worker)", o["generation"], t["generation"]),
-        ("reward", o["reward"], t["reward"]),
-        ("old log-probs (ours: extra forward; TRL: detached update logps)", o["old_logprobs"], None),
-        ("reference log-probs (beta > 0; TRL: inside scoring rest)", o["reference"] if args.beta > 0 else None, None),
-        ("TRL scoring rest (tokenize, pad, advantages[, ref])", None, t["scoring_other"]),
-        ("update (forward + backward + optimizer)", o["update"], t["update"]),
-        ("  of which loss forward (TRL compute_loss)", None, t["update_forward"]),
-        ("weight sync (ours: trainer -> rollout worker)", o["weight_sync"], None),
-        ("other (packing, advantages, metrics, logging, loop)", ours["wall"] - sum(o.values()), trl["wall"] - trl_phases),
+        ("generation (ours: waited for; async: the part not overlapped)", per_side(lambda o: o["phases"]["generation"], lambda t: t["phases"]["generation"])),
+        ("reward", per_side(lambda o: o["phases"]["reward"], lambda t: t["phases"]["reward"])),
+        ("old log-probs (ours: extra forward; TRL: detached update logps)", per_side(lambda o: o["phases"]["old_logprobs"], lambda t: None)),
+        ("reference log-probs (beta > 0; TRL: inside scoring rest)", per_side(lambda o: o["phases"]["reference"] if args.beta > 0 else None, lambda t: None)),
+        ("TRL scoring rest (tokenize, pad, advantages[, ref])", per_side(lambda o: None, lambda t: t["phases"]["scoring_other"])),
+        ("update (forward + backward + optimizer)", per_side(lambda o: o["phases"]["update"], lambda t: t["phases"]["update"])),
+        ("  of which loss forward (TRL compute_loss)", per_side(lambda o: None, lambda t: t["phases"]["update_forward"])),
+        ("weight sync (ours: trainer -> rollout worker)", per_side(lambda o: o["phases"]["weight_sync"], lambda t: None)),
+        ("other (packing, advantages, metrics, logging, loop)", per_side(lambda o: o["wall"] - sum(o["phases"].values()), trl_other)),
     ]
     print(f"\nRL step, ours vs TRL GRPOTrainer: P {args.prompts} prompts x G {args.group}, max_new_tokens "
           f"{args.max_new_tokens}, beta {args.beta}, model {args.model_path or 'embedded tiny'}; ours: world_size "
           f"{args.world_size}, rollout workers {args.workers}{', ' + ' '.join(args.ours) if args.ours else ''}")
+    loads = ", ".join(f"{n} {sides[n]['load'][0]:.1f}/{sides[n]['load'][1]:.1f}" for n in names)
     print(f"phases: mean over {args.steps} steps after {args.warmup} warm-up; torch {torch.__version__}, {os.cpu_count()} CPUs; "
-          f"1-min load average (start/end of each side): ours {ours['load'][0]:.1f}/{ours['load'][1]:.1f}, "
-          f"TRL {trl['load'][0]:.1f}/{trl['load'][1]:.1f}")
-    header = f"{'seconds per step':68s} {'ours':>8s} {'TRL':>8s}"
+          f"1-min load average (start/end of each side): {loads}")
+    header = f"{'seconds per step':66s}" + "".join(f"{n:>12s}" for n in names)
     print(header)
     print("-" * len(header))
-    for name, a, b in rows:
-        print(f"{name:68s} {fmt(a)} {fmt(b)}")
+    for name, values in rows:
+        print(f"{name:66s}" + "".join(fmt(v) for v in values))
     print("-" * len(header))
     for label, stat in (("s/step (wall, end to end), mean", statistics.mean), ("  median", statistics.median),
                         ("  fastest step", min), ("  slowest step", max)):
-        print(f"{label:68s} {fmt(stat(ours['walls']))} {fmt(stat(trl['walls']))}")
-    print(f"{'mean completion length (tokens)':68s} {ours['length']:8.1f} {trl['length']:8.1f}")
-    print(f"{'mean reward':68s} {ours['reward']:8.3f} {trl['reward']:8.3f}")
-    gen_o, gen_t = completions * ours["length"], completions * trl["length"]
-    print(f"{'generated tokens/s (end to end, mean s/step)':68s} {gen_o / ours['wall']:8.0f} {gen_t / trl['wall']:8.0f}")
-    print(f"{'generated tokens/s (generation phase only)':68s} {gen_o / o['generation']:8.0f} {gen_t / t['generation']:8.0f}")
-    print(f"{'run total incl. start-up and teardown (s)':68s} {ours['total']:8.1f} {trl['total']:8.1f}")
-    print(f"torch threads: ours {ours['threads']}; TRL {trl['threads']}")
-    ratio = lambda stat: stat(trl["walls"]) / stat(ours["walls"])  # noqa: E731
-    per_token = ratio(statistics.median) * gen_o / gen_t
-    print(f"\nours/TRL speedup = TRL s/step / ours s/step: median {ratio(statistics.median):.2f}x, mean "
-          f"{ratio(statistics.mean):.2f}x, fastest steps {ratio(min):.2f}x; per generated token (median) {per_token:.2f}x; "
-          f"target >= 1.5x (median): {'met' if ratio(statistics.median) >= 1.5 else 'NOT met'}")
+        print(f"{label:66s}" + "".join(fmt(stat(sides[n]["walls"])) for n in names))
+    print(f"{'mean completion length (tokens)':66s}" + "".join(f"{sides[n]['length']:12.1f}" for n in names))
+    print(f"{'mean reward':66s}" + "".join(f"{sides[n]['reward']:12.3f}" for n in names))
+    print(f"{'generated tokens/s (end to end, mean s/step)':66s}"
+          + "".join(f"{completions * sides[n]['length'] / sides[n]['wall']:12.0f}" for n in names))
+    print(f"{'run total incl. start-up and teardown (s)':66s}" + "".join(f"{sides[n]['total']:12.1f}" for n in names))
+    for n in names:
+        print(f"torch threads, {n}: {sides[n]['threads']}")
+    if "TRL" not in sides:
+        return
+    trl = sides["TRL"]
+    print()
+    for n in names:
+        if n == "TRL":
+            continue
+        ours = sides[n]
+        ratio = lambda stat: stat(trl["walls"]) / stat(ours["walls"])  # noqa: E731
+        per_token = ratio(statistics.median) * ours["length"] / trl["length"]
+        print(f"{n}/TRL speedup = TRL s/step / {n} s/step: median {ratio(statistics.median):.2f}x, mean "
+              f"{ratio(statistics.mean):.2f}x, fastest steps {ratio(min):.2f}x; per generated token (median) "
+              f"{per_token:.2f}x; target >= 1.5x (median): {'met' if ratio(statistics.median) >= 1.5 else 'NOT met'}")
 
 
 def main() -> None:
@@ -336,7 +366,8 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=1, help="ours: trainer ranks")
     parser.add_argument("--model-path", default=None, help="a local HF checkpoint or run dir (default: the embedded tiny model)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side (prints its numbers)")
+    parser.add_argument("--only", choices=["ours", "async", "trl"], default=None, help="run one side (prints its numbers)")
+    parser.add_argument("--no-async", action="store_true", help="skip the rollout.async_steps=1 side")
     parser.add_argument("--trl-threads", type=int, default=None, help="torch threads of the TRL process (default: torch's)")
     parser.add_argument("--trl-first", action="store_true", help="run TRL before ours (load on the machine drifts)")
     parser.add_argument("--ours", nargs="*", default=[],
@@ -350,27 +381,34 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench_rl_step_") as tmp:
-        cfg = compose_config(args, str(Path(tmp) / "ours"))
+        cfg = compose_config(args, str(Path(tmp) / "ours"), ("rollout.async_steps=0",))
         results = {}
 
         def ours():
             results["ours"] = run_ours(cfg, args.warmup)
 
+        def ours_async():
+            results["async"] = run_ours(compose_config(args, str(Path(tmp) / "async"), ("rollout.async_steps=1",)), args.warmup)
+
         def trl():
+            threads = torch.get_num_threads()
             if args.trl_threads:
                 torch.set_num_threads(args.trl_threads)
             with contextlib.chdir(tmp):
                 results["trl"] = run_trl(cfg, step_prompts(cfg, args.warmup + args.steps), args, str(Path(tmp) / "trl"))
+            torch.set_num_threads(threads)
 
-        sides = {"ours": ours, "trl": trl}
-        for name in (["trl", "ours"] if args.trl_first else ["ours", "trl"]):
-            if args.only in (None, name):
+        sides = {"ours": ours, "async": ours_async, "trl": trl}
+        order = ["trl", "ours", "async"] if args.trl_first else ["ours", "async", "trl"]
+        for name in order:
+            if args.only in (None, name) and not (name == "async" and args.no_async):
                 sides[name]()
                 r = results[name]
                 print(f"{name}: {r['wall']:.3f} s/step, phases " + ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items())
                       + f"; completion length {r['length']:.1f}", flush=True)
-        if len(results) == 2:
-            report(args, results["ours"], results["trl"])
+        labels = {"ours": "ours", "async": "ours async", "trl": "TRL"}
+        if len(results) >= 2:
+            report(args, {labels[n]: results[n] for n in ["ours", "async", "trl"] if n in results})
 
 
 if __name__ == "__main__":

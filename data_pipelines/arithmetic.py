@@ -8,9 +8,11 @@ Every sample is a chat in the `messages` format used everywhere in the framework
 
 Knobs:
 - difficulty: ``digits`` (operand size) and ``num_ops`` (operations chained in one problem);
-- verbosity: probability of a redundant sentence after each reasoning step (drawn from FILLER_SENTENCES);
-  the generator records which sentences it inserted so that length rewards can be tested with exact
-  significance labels;
+- verbosity: how much redundant reasoning (sentences drawn from FILLER_SENTENCES). ``filler_style="step"``:
+  a filler after each reasoning step with probability ``verbosity``; ``"response"``: with probability
+  ``verbosity`` the whole response is verbose (a filler after every step), else it has none (two styles, as
+  an overthinking model's verbose and concise answers). The generator records which sentences it inserted
+  so that length rewards can be tested with exact significance labels;
 - ``turns``: several questions in one chat (multi-turn reasoning data).
 
 Addition and subtraction are worked digit by digit with carries/borrows, which a tiny model can learn; the
@@ -43,7 +45,8 @@ class ArithmeticSpec:
     digits: int = 2
     num_ops: int = 1
     ops: tuple[str, ...] = ("+", "-")
-    verbosity: float = 0.0  # probability of a filler sentence after each reasoning step
+    verbosity: float = 0.0  # probability of a filler sentence after each reasoning step (of a verbose response)
+    filler_style: str = "step"  # step (each step drawn apart) | response (one draw: every step or none)
     turns: int = 1  # questions per chat
     word_problems: bool = True  # "Ann has 12 apples..." instead of "What is 12 + 34?"
 
@@ -56,6 +59,8 @@ class ArithmeticSpec:
             raise ValueError(f"data.ops must be a non-empty subset of ['+', '-'], got {list(self.ops)}")
         if not 0.0 <= self.verbosity <= 1.0:
             raise ValueError(f"data.verbosity must be in [0, 1], got {self.verbosity}")
+        if self.filler_style not in ("step", "response"):
+            raise ValueError(f"data.filler_style must be 'step' or 'response', got {self.filler_style!r}")
         if self.turns < 1:
             raise ValueError(f"data.turns must be >= 1, got {self.turns}")
 
@@ -129,9 +134,10 @@ def make_problem(rng: random.Random, spec: ArithmeticSpec) -> dict:
         operands.append(n)
         ops.append(op)
     reasoning = []
+    verbose = spec.filler_style == "response" and spec.verbosity > 0 and rng.random() < spec.verbosity
     for step in steps:
         reasoning.append(step)
-        if spec.verbosity > 0 and rng.random() < spec.verbosity:
+        if verbose or (spec.filler_style == "step" and spec.verbosity > 0 and rng.random() < spec.verbosity):
             filler = rng.choice(FILLER_SENTENCES)
             reasoning.append(filler)
             fillers.append(filler)

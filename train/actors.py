@@ -31,17 +31,28 @@ class TrainerGroup:
     """
 
     def __init__(self, world_size: int, model_path: str, attn_backend: str, trainer_cfg: dict,
-                 micro_batches_per_rank: int, seed: int = 0, num_cpus_per_rank: float = 1, num_gpus_per_rank: float = 0):
+                 micro_batches_per_rank: int, seed: int = 0, num_cpus_per_rank: float = 1, num_gpus_per_rank: float = 0,
+                 num_threads: int | None = None):
         self.world_size = world_size
         actor = ray.remote(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank)(PolicyTrainer)
-        address, port = "127.0.0.1", free_port()
-        group = uuid.uuid4().hex[:8]
-        self.ranks = [
-            actor.options(name=f"policy_trainer_{group}_{rank}").remote(
-                rank, world_size, address, port, model_path, attn_backend, dict(trainer_cfg), micro_batches_per_rank, seed)
-            for rank in range(world_size)
-        ]
-        self._get([r.__ray_ready__.remote() for r in self.ranks], "start-up")
+        address = "127.0.0.1"
+        for attempt in range(3):
+            # the rendezvous port is free when picked, but another process (gloo's own connections use the same
+            # ephemeral range) may take it before rank 0 listens: then start again on a new port
+            port, group = free_port(), uuid.uuid4().hex[:8]
+            self.ranks = [
+                actor.options(name=f"policy_trainer_{group}_{rank}").remote(
+                    rank, world_size, address, port, model_path, attn_backend, dict(trainer_cfg), micro_batches_per_rank,
+                    seed, num_threads)
+                for rank in range(world_size)
+            ]
+            try:
+                self._get([r.__ray_ready__.remote() for r in self.ranks], "start-up")
+                return
+            except TrainerFailure as err:
+                self.shutdown()
+                if "EADDRINUSE" not in str(err) or attempt == 2:
+                    raise
 
     @staticmethod
     def _get(refs: list, what: str) -> list:
@@ -96,10 +107,15 @@ class RolloutPool:
     A worker that dies mid-step is replaced by a fresh actor with the current weights, and its unfinished
     prompts are generated again there: every prompt is answered exactly once per step (results are keyed by
     prompt index), and the replacement is counted in ``restarts``.
+
+    ``submit`` starts a generation and returns at once (the driver overlaps it with the policy update when
+    ``rollout.async_steps=1``); ``generate`` is ``submit(...).result()``. A weight sync sent while a generation
+    runs is queued behind it by Ray (actor calls run in order), so that generation keeps the weights it started with.
     """
 
     def __init__(self, num_workers: int, model_path: str, seed: int = 0, num_cpus_per_worker: float = 1,
-                 num_gpus_per_worker: float = 0, max_restarts_per_step: int = 3, backend: str = "hf"):
+                 num_gpus_per_worker: float = 0, max_restarts_per_step: int = 3, backend: str = "hf",
+                 num_threads: int | None = None):
         if num_gpus_per_worker == 0 and num_cpus_per_worker < 1:
             num_cpus_per_worker = 0  # colocated on CPU: Ray accepts 0 or a whole number here
         if backend == "vllm":
@@ -109,7 +125,7 @@ class RolloutPool:
         elif backend == "hf":
             from train.rollout_worker import RolloutWorker as worker_class
 
-            self._worker_kwargs = {"device": "cuda" if num_gpus_per_worker > 0 else "cpu"}
+            self._worker_kwargs = {"device": "cuda" if num_gpus_per_worker > 0 else "cpu", "num_threads": num_threads}
         else:
             raise ValueError(f"rollout.backend={backend!r} must be hf or vllm")
         self._actor = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(worker_class)
@@ -129,29 +145,53 @@ class RolloutPool:
         self.weights_ref, self.version = ray.put(state_dict), version
         ray.get([w.load_weights.remote(self.weights_ref, version) for w in self.workers])
 
-    def generate(self, prompts: list[str], group_size: int, seed: int, **sampling) -> list:
+    def submit(self, prompts: list, group_size: int, seed: int, **sampling) -> "PendingGeneration":
+        """Start generating ``group_size`` responses to each of ``prompts``; collect with ``.result()``."""
+        return PendingGeneration(self, prompts, group_size, seed, sampling)
+
+    def generate(self, prompts: list, group_size: int, seed: int, **sampling) -> list:
         """All rollouts of ``prompts`` (group_size each), grouped by prompt in prompt order."""
-        n = len(self.workers)
-        bounds = [(len(prompts) * i // n, len(prompts) * (i + 1) // n) for i in range(n)]
-        todo = {i: b for i, b in enumerate(bounds) if b[1] > b[0]}
-        done: dict[int, list] = {}
-        failures = 0
-        while todo:
-            refs = {
-                self.workers[i].generate.remote(prompts[lo:hi], group_size, seed=seed + lo, prompt_offset=lo, **sampling): i
-                for i, (lo, hi) in todo.items()
-            }
-            for ref, i in refs.items():
-                try:
-                    done[todo[i][0]] = ray.get(ref)
-                    del todo[i]
-                except ray.exceptions.RayActorError:
-                    failures += 1
-                    if failures > self.max_restarts_per_step:
-                        raise RuntimeError(f"rollout workers died {failures} times in one step; giving up") from None
-                    self._replace(i)  # its prompts stay in `todo` and run again on the replacement
-        return [r for lo in sorted(done) for r in done[lo]]
+        return self.submit(prompts, group_size, seed, **sampling).result()
 
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)
+
+
+class PendingGeneration:
+    """A generation running on the pool's workers: each worker got a contiguous share of the prompts."""
+
+    def __init__(self, pool: RolloutPool, prompts: list, group_size: int, seed: int, sampling: dict):
+        self.pool, self.prompts, self.group_size, self.seed, self.sampling = pool, prompts, group_size, seed, sampling
+        n = len(pool.workers)
+        bounds = [(len(prompts) * i // n, len(prompts) * (i + 1) // n) for i in range(n)]
+        self.todo = {i: b for i, b in enumerate(bounds) if b[1] > b[0]}
+        self.refs = self._launch()
+        self.rollouts: list | None = None
+
+    def _launch(self) -> dict:
+        return {
+            self.pool.workers[i].generate.remote(self.prompts[lo:hi], self.group_size, seed=self.seed + lo,
+                                                 prompt_offset=lo, **self.sampling): i
+            for i, (lo, hi) in self.todo.items()
+        }
+
+    def result(self) -> list:
+        """Wait for every share; a share whose worker died runs again on a replacement worker."""
+        if self.rollouts is not None:
+            return self.rollouts
+        done: dict[int, list] = {}
+        failures = 0
+        while self.todo:
+            for ref, i in self.refs.items():
+                try:
+                    done[self.todo[i][0]] = ray.get(ref)
+                    del self.todo[i]
+                except ray.exceptions.RayActorError:
+                    failures += 1
+                    if failures > self.pool.max_restarts_per_step:
+                        raise RuntimeError(f"rollout workers died {failures} times in one step; giving up") from None
+                    self.pool._replace(i)  # its prompts stay in `todo` and run again on the replacement
+            self.refs = self._launch()
+        self.rollouts = [r for lo in sorted(done) for r in done[lo]]
+        return self.rollouts

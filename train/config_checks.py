@@ -130,6 +130,21 @@ def check_rl(cfg: DictConfig) -> None:
     if sampler.endswith(("BandSampler", "ScheduleSampler")) and not (sampler.endswith("ScheduleSampler") and cfg.sampler.get("key")):
         _require("correctness" in cfg.reward, f"sampler={sampler.rsplit('.', 1)[-1]} tracks pass rates from the correctness "
                  "reward: add it (reward=[correctness,...]) or use sampler=uniform")
+    _require(r.get("async_steps", 0) in (0, 1), f"rollout.async_steps={r.get('async_steps')} must be 0 (on-policy) or 1 "
+             "(the next step's rollouts generated during the update)")
+    _require(not (r.get("async_steps", 0) and r.get("multi_turn", False)),
+             "rollout.async_steps=1 overlaps single-turn generation with the update; multi-turn rollouts take several "
+             "rounds in the driver: set rollout.async_steps=0 with rollout.multi_turn=true")
+    for key, value in (("rollout.num_threads", r.get("num_threads")), ("trainer.num_threads", t.get("num_threads"))):
+        _require(value is None or value >= 1, f"{key}={value} must be >= 1 or null (automatic)")
+    share = t.get("share_prompt", "auto")
+    _require(share in ("auto", True, False), f"trainer.share_prompt={share!r} must be auto, true or false")
+    _require(not (share is True and r.get("multi_turn", False)),
+             "trainer.share_prompt=true runs single-turn rollouts; multi-turn chats train as single-pass documents: "
+             "set trainer.share_prompt=auto or false")
+    _require(not (share is True and cfg.model.attn_backend != "sdpa"),
+             f"trainer.share_prompt=true is implemented for model.attn_backend=sdpa, got {cfg.model.attn_backend}; "
+             "set trainer.share_prompt=auto or false")
     _require(r.num_workers >= 1, f"rollout.num_workers={r.num_workers} must be >= 1")
     _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
     _require(

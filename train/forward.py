@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipelines.packing import IGNORE_INDEX, PackedBatch, one_document_per_row
+from data_pipelines.shared_prompt import SharedPromptBatch
 from train.attention import model_inputs
 from train.model_zoo import ATTENTION_FREE
 
@@ -77,19 +78,48 @@ def causal_lm_logits(model, batch: PackedBatch, backend: str) -> torch.Tensor:
     return model(**model_inputs(batch, backend), use_cache=False).logits
 
 
+def shared_prompt_logits(model, batch: SharedPromptBatch) -> torch.Tensor:
+    """Logits [responses, R, vocab] of a SharedPromptBatch (data_pipelines/shared_prompt.py): position j
+    predicts response token j. The prompts run once with a KV cache; each response runs on a copy of its
+    prompt's keys and values (indexing keeps the autograd graph, so gradients flow back into the prompt pass)."""
+    from transformers import DynamicCache
+
+    device = batch.prompt_ids.device
+    num_prompts, width_p = batch.prompt_ids.shape
+    width_r = batch.response_ids.shape[1]
+    prompt_mask = (torch.arange(width_p, device=device) < batch.prompt_lengths[:, None]).long()  # [prompts, P]
+    cache = DynamicCache()
+    out = model(input_ids=batch.prompt_ids, attention_mask=prompt_mask, past_key_values=cache, use_cache=True,
+                position_ids=torch.arange(width_p, device=device).expand(num_prompts, -1))
+    last = out.logits[torch.arange(num_prompts, device=device), batch.prompt_lengths - 1]  # [prompts, vocab]
+    cache = out.past_key_values
+    cache.batch_select_indices(batch.owner)  # [responses, heads, P, head_dim] per layer
+    response_mask = (torch.arange(width_r, device=device) < batch.response_lengths[:, None]).long()
+    positions = batch.prompt_lengths[batch.owner, None] + torch.arange(width_r, device=device)  # [responses, R]
+    logits = model(input_ids=batch.response_ids, attention_mask=torch.cat([prompt_mask[batch.owner], response_mask], 1),
+                   position_ids=positions, past_key_values=cache, use_cache=True).logits  # [responses, R, vocab]
+    return torch.cat([last[batch.owner, None], logits[:, :-1]], dim=1)
+
+
 def token_logprobs(
-    model, batch: PackedBatch, backend: str, temperature: float = 1.0, with_entropy: bool = False
+    model, batch: PackedBatch | SharedPromptBatch, backend: str, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(x_{t+1} | x_{<=t}) for every position, [rows, seq-1]; entropy of pi(.|x_{<=t}) if asked."""
-    logits = causal_lm_logits(model, batch, backend)[:, :-1].float()  # [rows, seq-1, vocab]
+    """log pi(x_{t+1} | x_{<=t}) for every position, [rows, seq-1]; entropy of pi(.|x_{<=t}) if asked.
+    For a SharedPromptBatch: log pi(y_j | prompt, y_{<j}) for every response token, [responses, R]."""
+    if isinstance(batch, SharedPromptBatch):
+        logits = shared_prompt_logits(model, batch).float()  # [responses, R, vocab]
+        targets = batch.response_ids
+    else:
+        logits = causal_lm_logits(model, batch, backend)[:, :-1].float()  # [rows, seq-1, vocab]
+        targets = batch.input_ids[:, 1:]  # [rows, seq-1]
     if temperature != 1.0:
         logits = logits / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
-    targets = batch.input_ids[:, 1:]  # [rows, seq-1]
     logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = None
-    if with_entropy:
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    if with_entropy:  # a diagnostic: no gradient
+        with torch.no_grad():
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
     return logprobs, entropy
 
 
@@ -102,13 +132,21 @@ def sft_loss_sum(model, batch: PackedBatch, backend: str) -> tuple[torch.Tensor,
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
-def per_document(values: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def per_document(values: torch.Tensor, batch: PackedBatch | SharedPromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather the loss-token entries of ``values`` [rows, seq-1] into one row per document.
 
     Returns (``out`` [num_docs, max_loss_tokens], ``mask`` [num_docs, max_loss_tokens]) in the order of
     ``batch.sample_ids``, so that per-sequence losses (algorithms/) can run on packed rows: position t of a
-    row predicts token t+1, which belongs to document ``doc_ids[:, t+1]``.
+    row predicts token t+1, which belongs to document ``doc_ids[:, t+1]``. A SharedPromptBatch's values are
+    already one row per response: its loss tokens move to the front of each row, in order.
     """
+    if isinstance(batch, SharedPromptBatch):
+        trained = batch.loss_mask  # [responses, R]
+        counts = trained.sum(1)
+        width = int(counts.max()) if len(counts) else 0
+        index = torch.argsort((~trained).to(torch.int8), dim=1, stable=True)[:, :width]  # loss positions first, in order
+        mask = torch.arange(width, device=values.device) < counts[:, None]
+        return values.gather(1, index).masked_fill(~mask, 0), mask
     trained = batch.labels[:, 1:] != IGNORE_INDEX  # [rows, seq-1]
     doc = batch.doc_ids[:, 1:][trained]  # [n] document of each trained position, row-major = sequence order
     picked = values[trained]  # [n]

@@ -45,6 +45,9 @@ def deepspeed_config(trainer_cfg: dict, world_size: int, micro_batches_per_rank:
                 "betas": list(trainer_cfg.get("betas", (0.9, 0.95))),
                 "weight_decay": float(trainer_cfg.get("weight_decay", 0.0)),
                 "torch_adam": True,  # plain torch AdamW: identical numerics on every stage and device
+                # one fused kernel over all parameters instead of ~6 elementwise ops per tensor (the tiny model's
+                # optimizer step was ~14% of the update on CPU); torch's fused AdamW runs on CPU and GPU
+                "fused": True,
             },
         },
         "gradient_clipping": float(trainer_cfg.get("max_grad_norm", 0.0)),
@@ -68,6 +71,7 @@ class PolicyTrainer:
         trainer_cfg: dict,
         micro_batches_per_rank: int,
         seed: int = 0,
+        num_threads: int | None = None,
     ):
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
@@ -79,7 +83,7 @@ class PolicyTrainer:
         import deepspeed
 
         if not on_gpu:  # ranks share the machine's cores; more threads than cores makes every rank crawl
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+            torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // world_size))
         torch.manual_seed(seed)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
         self.rank, self.world_size, self.attn_backend = rank, world_size, attn_backend

@@ -3,6 +3,11 @@
     prompts -> rollouts (RolloutPool) -> rewards -> (reference log-probs) -> advantages
             -> policy update (TrainerGroup, DeepSpeed ZeRO) -> weight sync -> rollouts ...
 
+With ``rollout.async_steps=1`` the rollouts of step k+1 are generated (by the weights before update k) while
+update k runs, as verl's one-step off-policy mode: generation leaves the critical path and every sample is one
+policy version old (``rollout/staleness``); pi_old in the clipped ratio is the policy at the update, as when
+verl recomputes old log-probs on the actor.
+
 The math lives in algorithms/ and rewards/ (instantiated from cfg.algorithm / cfg.reward); distribution lives
 in the actors (train/actors.py). This file only orchestrates.
 """
@@ -19,18 +24,20 @@ from typing import NamedTuple
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from transformers import AutoConfig
 from tqdm import tqdm
 
 from data_pipelines.loading import load_split
 from data_pipelines.multiturn import document_from_prompts
 from data_pipelines.packing import Document, pack_balanced
 from data_pipelines.prompts import to_prompts
+from data_pipelines.shared_prompt import shared_prompt_batches
 from train import checkpoint
 from rewards.registry import build_reward
-from train.config_checks import check_rl
+from train.config_checks import ConfigError, check_rl
 from train.evaluate import evaluate
 from train.forward import per_document
-from train.model_zoo import load_model, load_tokenizer, resolve_model_path
+from train.model_zoo import ATTENTION_FREE, load_model, load_tokenizer, resolve_model_path
 from train.multiturn_rollout import chat_prompts, generate_chats, merge_turns, score_chats
 from train.run_logger import RunLogger
 from train.runtime import seed_everything
@@ -66,6 +73,20 @@ def placement(mode: str, on_gpu: bool) -> dict:
     raise ValueError(f"cluster.placement={mode!r} must be colocated or disaggregated")
 
 
+def cpu_threads(cores: int, world_size: int, num_workers: int, overlap: bool, placement_mode: str) -> tuple[int | None, int | None]:
+    """Torch threads (per trainer rank, per rollout worker) on a CPU machine of ``cores`` cores.
+
+    Colocated and on-policy, generation and update alternate: each gets every core in turn. With
+    ``overlap`` (rollout.async_steps=1) they run at the same time: the cores are split in half. Disaggregated:
+    None, i.e. Ray's setting for an actor that holds CPUs of its own (OMP_NUM_THREADS = its num_cpus)."""
+    if placement_mode != "colocated":
+        return None, None
+    if not overlap:
+        return max(1, cores // world_size), max(1, cores // num_workers)
+    rollout_cores = max(1, cores // 2)
+    return max(1, (cores - rollout_cores) // world_size), max(1, rollout_cores // num_workers)
+
+
 def rollouts_to_documents(rollouts, mask_truncated: bool = False) -> list[Document]:
     """prompt + response as one document; the loss covers the response tokens only (none at all for a
     truncated response when ``mask_truncated``: DAPO's overlong filtering). A multi-turn rollout becomes one
@@ -96,6 +117,41 @@ class Sampled(NamedTuple):
         keep = index.tolist()
         return Sampled([self.rollouts[i] for i in keep], self.rewards[index], {k: v[index] for k, v in self.components.items()},
                        None if self.momentum_rewards is None else self.momentum_rewards[index], [self.owners[i] for i in keep])
+
+
+class Submitted(NamedTuple):
+    """A sampling round under way: the prompts, the round (DAPO refills), the step that will train on it, and
+    the handles whose ``result()`` gives (rollouts, per-turn rollouts or None) of the policy and of AAPO's
+    momentum model (None without one)."""
+
+    batch: list
+    attempt: int
+    at_step: int
+    policy: object
+    momentum: object | None
+
+
+class Done:
+    """A handle whose result is already here (multi-turn rounds, rollouts restored from a checkpoint)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class Single:
+    """A pool generation's handle in the (rollouts, None) shape of multi-turn sampling."""
+
+    def __init__(self, pending):
+        self.pending = pending
+
+    def result(self):
+        return self.pending.result(), None
+
+
+PENDING_FILE = "pending_rollouts.pt"  # rollout.async_steps=1: the next step's rollouts, sampled before the save
 
 
 def make_sampler(sampler_cfg, prompts, batch_size: int, seed: int):
@@ -174,15 +230,35 @@ def run(cfg: DictConfig) -> dict:
     momentum_update = instantiate(a_cfg.momentum) if a_cfg.get("momentum") else None
 
     tokenizer = load_tokenizer(model_path)
+    # trainer.share_prompt: the update (and log-prob forwards) run each prompt once for its G responses
+    # (data_pipelines/shared_prompt.py); auto = on for single-turn rollouts of attention models under sdpa
+    wanted = t_cfg.get("share_prompt", "auto")
+    attention_free = AutoConfig.from_pretrained(model_path).model_type in ATTENTION_FREE
+    if wanted is True and attention_free:
+        raise ConfigError("trainer.share_prompt=true needs an attention model (a KV cache to share); this model is "
+                          "attention-free: set trainer.share_prompt=auto or false")
+    share_prompt = wanted is True or (wanted == "auto" and cfg.model.attn_backend == "sdpa" and not multi_turn
+                                      and not attention_free)
     resume_from = checkpoint.resolve_resume(t_cfg.resume, run_dir)
     start_path = str(resume_from) if resume_from else model_path
     init_ray(cfg.cluster)
 
     micro_batches = t_cfg.world_size * t_cfg.micro_batches_per_rank
     res = placement(cfg.cluster.placement, torch.cuda.is_available())
+    # rollout.async_steps=1: the next step's rollouts are generated (by the weights before this step's update)
+    # while this step's update runs; they are one policy version old when trained on
+    overlap = int(r_cfg.get("async_steps", 0)) == 1
+    rollout_workers = r_cfg.num_workers * (2 if a_cfg.get("momentum_rollout") else 1)
+    trainer_threads, rollout_threads = None, None
+    if not torch.cuda.is_available() and not cfg.cluster.get("ray_address"):
+        cores = int(cfg.cluster.get("ray_num_cpus") or os.cpu_count() or 1)
+        trainer_threads, rollout_threads = cpu_threads(cores, t_cfg.world_size, rollout_workers, overlap, cfg.cluster.placement)
+    trainer_threads = t_cfg.get("num_threads") or trainer_threads
+    rollout_threads = r_cfg.get("num_threads") or rollout_threads
     trainer = TrainerGroup(t_cfg.world_size, start_path, cfg.model.attn_backend, OmegaConf.to_container(t_cfg),
-                           t_cfg.micro_batches_per_rank, cfg.seed, **res["trainer"])
-    pool = RolloutPool(r_cfg.num_workers, start_path, cfg.seed, backend=r_cfg.backend, **res["rollout"])
+                           t_cfg.micro_batches_per_rank, cfg.seed, **res["trainer"], num_threads=trainer_threads)
+    pool = RolloutPool(r_cfg.num_workers, start_path, cfg.seed, backend=r_cfg.backend, **res["rollout"],
+                       num_threads=rollout_threads)
     reference = None
     if kl_beta > 0:
         reference = ray.remote(**res["reference"])(ReferenceWorker).remote(model_path, cfg.model.attn_backend)
@@ -190,9 +266,10 @@ def run(cfg: DictConfig) -> dict:
     # initial policy; with momentum.alpha < 1 it follows the policy by EMA (weights kept here and checkpointed).
     momentum_pool, momentum_state = None, None
     if a_cfg.get("momentum_rollout"):
-        momentum_pool = RolloutPool(r_cfg.num_workers, model_path, cfg.seed + 7_919, backend=r_cfg.backend, **res["rollout"])
+        momentum_pool = RolloutPool(r_cfg.num_workers, model_path, cfg.seed + 7_919, backend=r_cfg.backend, **res["rollout"],
+                                    num_threads=rollout_threads)
 
-    step = 0
+    step, prefetched = 0, None  # prefetched: the next step's first sampling round, under way (async_steps=1)
     if resume_from is not None:
         state = checkpoint.load_trainer_state(resume_from)
         trainer.load_state(str(resume_from))
@@ -203,6 +280,10 @@ def run(cfg: DictConfig) -> dict:
         if momentum_pool is not None and (resume_from / MOMENTUM_FILE).exists():
             momentum_state = torch.load(resume_from / MOMENTUM_FILE)
             momentum_pool.sync(momentum_state, step)
+        if (resume_from / PENDING_FILE).exists():  # sampled before the save by the weights before the last update
+            saved = torch.load(resume_from / PENDING_FILE, weights_only=False)
+            prefetched = Submitted(saved["batch"], saved["attempt"], saved["at_step"], Done(saved["policy"]),
+                                   None if saved["momentum"] is None else Done(saved["momentum"]))
         log.info("resumed from %s at step %d", resume_from, step)
 
     logger = RunLogger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
@@ -215,9 +296,16 @@ def run(cfg: DictConfig) -> dict:
         return t_cfg.lr * (t_cfg.min_lr_ratio + (1 - t_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
     def write_extra(tmp: Path) -> None:  # inside the atomic checkpoint write
+        nonlocal prefetched
         trainer.save_state(str(tmp))
         if momentum_state is not None:
             torch.save(momentum_state, tmp / MOMENTUM_FILE)
+        if prefetched is not None:  # the sampler has drawn its prompts: keep the rollouts so a resume trains on them
+            policy = prefetched.policy.result()
+            momentum = None if prefetched.momentum is None else prefetched.momentum.result()
+            prefetched = prefetched._replace(policy=Done(policy), momentum=None if momentum is None else Done(momentum))
+            torch.save({"batch": prefetched.batch, "attempt": prefetched.attempt, "at_step": prefetched.at_step,
+                        "policy": policy, "momentum": momentum}, tmp / PENDING_FILE)
 
     def save(weights):
         hf_model.load_state_dict(weights, strict=False)
@@ -228,7 +316,9 @@ def run(cfg: DictConfig) -> dict:
         if not eval_rows:
             return {}
         hf_model.load_state_dict(weights, strict=False)
-        result = evaluate(hf_model, tokenizer, eval_rows, r_cfg.max_new_tokens, r_cfg.batch_size)
+        result = evaluate(hf_model, tokenizer, eval_rows, r_cfg.max_new_tokens, r_cfg.batch_size,
+                          samples=int(r_cfg.get("eval_samples", 0)), temperature=r_cfg.temperature, top_p=r_cfg.top_p,
+                          seed=cfg.seed)
         logger.log_samples("eval/samples", result.pop("samples"), step)
         logger.log(result, step)
         return result
@@ -249,23 +339,36 @@ def run(cfg: DictConfig) -> dict:
             rewards, components = rewards + penalty, {**components, "overlong_penalty": penalty}
         return rewards, components
 
-    def sample_and_score(batch, attempt: int):
-        """G rollouts per prompt of ``batch``, their rewards [B] and reward components (+ DAPO shaping), and
-        for AAPO the rewards [B] of as many momentum-model responses (None otherwise)."""
-        seed = cfg.seed * 100_003 + step * 101 + attempt
-        sampling = dict(max_new_tokens=r_cfg.max_new_tokens, temperature=r_cfg.temperature, top_p=r_cfg.top_p)
-        def sample(workers, seed):  # -> rollouts, and the per-turn rollouts of multi-turn chats (else None)
+    sampling = dict(max_new_tokens=r_cfg.max_new_tokens, temperature=r_cfg.temperature, top_p=r_cfg.top_p)
+
+    def submit(batch, attempt: int, at_step: int) -> Submitted:
+        """Start sampling G responses per prompt of ``batch`` (and as many from AAPO's momentum model) for the
+        update of step ``at_step``. Multi-turn chats take several rounds and are sampled here, to the end."""
+        seed = cfg.seed * 100_003 + at_step * 101 + attempt
+
+        def start(workers, seed):
             if not multi_turn:
-                return workers.generate([p.text for p in batch], group_size, seed=seed, **sampling), None
+                return Single(workers.submit([p.text for p in batch], group_size, seed=seed, **sampling))
             turns = generate_chats(workers, tokenizer, batch, group_size, seed, **sampling)
-            return merge_turns(turns), turns
+            return Done((merge_turns(turns), turns))
+
+        t = time.perf_counter()
+        policy = start(pool, seed)
+        momentum = start(momentum_pool, seed + 50_021) if momentum_pool is not None else None
+        timing["generation"] = timing.get("generation", 0.0) + time.perf_counter() - t
+        return Submitted(batch, attempt, at_step, policy, momentum)
+
+    def collect(sub: Submitted) -> Sampled:
+        """The round's rollouts (waiting for them: the generation time this step did not overlap), their
+        rewards [B] and reward components (+ DAPO shaping), and for AAPO the momentum responses' rewards [B]."""
+        batch = sub.batch
 
         def scored(rollouts, turns):
             return score(batch, rollouts) if turns is None else score_chats(score, batch, turns)
 
         t = time.perf_counter()
-        rollouts, turns = sample(pool, seed)
-        momentum = sample(momentum_pool, seed + 50_021) if momentum_pool is not None else None
+        rollouts, turns = sub.policy.result()
+        momentum = sub.momentum.result() if sub.momentum is not None else None
         timing["generation"] = timing.get("generation", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         rewards, components = scored(rollouts, turns)
@@ -282,7 +385,10 @@ def run(cfg: DictConfig) -> dict:
             # rollout.max_refill_rounds extra rounds; without it, one round.
             parts, kept_groups, dropped_groups, attempt = [], 0, 0, 0
             while kept_groups < r_cfg.prompts_per_step and attempt <= (r_cfg.max_refill_rounds if dynamic else 0):
-                part = sample_and_score(sampler.next(), attempt)
+                if attempt == 0 and prefetched is not None:
+                    part, prefetched = collect(prefetched), None
+                else:
+                    part = collect(submit(sampler.next(), attempt, step))
                 if dynamic is not None:
                     keep, dropped = dynamic(part.rewards, group_size)
                     dropped_groups += dropped
@@ -290,6 +396,8 @@ def run(cfg: DictConfig) -> dict:
                 kept_groups += len(part.rollouts) // group_size
                 parts.append(part)
                 attempt += 1
+            if overlap and step + 1 < t_cfg.max_steps:  # the next step's rollouts, sampled during this update
+                prefetched = submit(sampler.next(), 0, step + 1)
             rollouts = [r for part in parts for r in part.rollouts]
             batch_prompts = [p for part in parts for p in part.owners]
             rewards = torch.cat([part.rewards for part in parts])
@@ -302,13 +410,21 @@ def run(cfg: DictConfig) -> dict:
                 progress.update(1)
                 continue
 
-            documents = rollouts_to_documents(rollouts, bool(a_cfg.get("mask_truncated", False)))
-            # sdpa builds a dense [row, row] mask per row: rows as long as the longest document waste no attention
-            # (flex and flash skip masked blocks, so they keep the long rows)
-            row_tokens = t_cfg.row_tokens
-            if cfg.model.attn_backend == "sdpa":
-                row_tokens = min(row_tokens, max(len(d) for d in documents))
-            micro, members = pack_balanced(documents, micro_batches, row_tokens, tokenizer.pad_token_id)
+            mask_truncated = bool(a_cfg.get("mask_truncated", False))
+            if share_prompt and len(rollouts) // group_size >= micro_batches:  # each prompt computed once per group
+                micro, members = shared_prompt_batches(rollouts, micro_batches, tokenizer.pad_token_id, mask_truncated)
+                response_tokens = int(sum(int(b.loss_mask.sum()) for b in micro))
+                step_tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+            else:
+                documents = rollouts_to_documents(rollouts, mask_truncated)
+                # sdpa builds a dense [row, row] mask per row: rows as long as the longest document waste no
+                # attention (flex and flash skip masked blocks, so they keep the long rows)
+                row_tokens = t_cfg.row_tokens
+                if cfg.model.attn_backend == "sdpa":
+                    row_tokens = min(row_tokens, max(len(d) for d in documents))
+                micro, members = pack_balanced(documents, micro_batches, row_tokens, tokenizer.pad_token_id)
+                response_tokens = sum(sum(d.loss_mask) for d in documents)
+                step_tokens = sum(len(d) for d in documents)
             # pi_old log-probs need their own forward only when the update cannot produce them: several PPO epochs
             # (later epochs see moved weights) or KL folded into the reward (needed before the advantages). With one
             # epoch the update's own log-probs, detached, are exactly pi_old (as in TRL).
@@ -333,7 +449,6 @@ def run(cfg: DictConfig) -> dict:
                 advantages = advantage_fn(rewards, group_size)  # [num_rollouts]
             extras = [{"advantages": advantages[torch.tensor(m)], "old_logprobs": o, "ref_logprobs": rf}
                       for m, o, rf in zip(members, old, ref)]
-            response_tokens = sum(sum(d.loss_mask) for d in documents)
             normalizer = {"token-mean": float(response_tokens)}.get(a_cfg.loss.aggregation.get("mode", "token-mean"), float(len(rollouts)))
 
             t = time.perf_counter()
@@ -346,6 +461,12 @@ def run(cfg: DictConfig) -> dict:
             timing["update"] = time.perf_counter() - t
             step += 1
 
+            if prefetched is not None:  # the workers finish the next step's rollouts before they take new weights
+                t = time.perf_counter()
+                prefetched.policy.result()
+                if prefetched.momentum is not None:
+                    prefetched.momentum.result()
+                timing["generation"] = timing.get("generation", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
             weights = trainer.full_state_dict()
             pool.sync(weights, step)
@@ -366,6 +487,7 @@ def run(cfg: DictConfig) -> dict:
                 "rollout/response_length_p90": lengths.quantile(0.9).item(),
                 "rollout/clipped_fraction": sum(r.truncated for r in rollouts) / len(rollouts),
                 "rollout/policy_version": min(r.policy_version for r in rollouts),
+                "rollout/staleness": step - 1 - min(r.policy_version for r in rollouts),  # updates since sampling
                 "rollout/worker_restarts": pool.restarts,
                 "rollout/dropped_groups": dropped_groups,
                 "rollout/kept_groups": kept_groups,
@@ -378,7 +500,7 @@ def run(cfg: DictConfig) -> dict:
                 "train/grad_norm": stats.get("grad_norm", float("nan")) / t_cfg.world_size,
                 "train/lr": lr_at(step - 1),
                 **{f"perf/time_{k}": v for k, v in timing.items()},
-                "perf/tokens_per_s": float(sum(len(d) for d in documents)) / sum(timing.values()),
+                "perf/tokens_per_s": float(step_tokens) / sum(timing.values()),
             }
             for key in ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl"):
                 if key in stats:

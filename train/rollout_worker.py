@@ -1,4 +1,5 @@
-"""Rollout worker: generates G responses per prompt with the current policy weights (Hugging Face `generate`).
+"""Rollout worker: generates G responses per prompt with the current policy weights (a Hugging Face model:
+train/sampling.py's KV-cache loop for attention models, `generate` for state-space models).
 
 Runs as a Ray actor (``ray.remote(RolloutWorker)``) or in-process. Every sample records the policy version
 that generated it; ``load_weights`` installs the trainer's weights after each update (weight sync).
@@ -10,7 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from train.forward import is_ssm
 from train.model_zoo import load_model, load_tokenizer
+from train.sampling import sample
 
 
 @dataclass
@@ -27,8 +30,10 @@ class Rollout:
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, seed: int = 0, device: str = "cpu"):
+    def __init__(self, model_path: str, seed: int = 0, device: str = "cpu", num_threads: int | None = None):
         self.device = torch.device(device)
+        if num_threads and self.device.type == "cpu":  # else Ray's default for the actor (1 for num_cpus=0)
+            torch.set_num_threads(num_threads)
         self.tokenizer = load_tokenizer(model_path)
         self.model = load_model(model_path, "sdpa", torch.float32, self.device).eval()
         self.version = 0
@@ -62,22 +67,22 @@ class RolloutWorker:
                 enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             finally:
                 tok.padding_side = side
-        if seed is not None:
-            torch.manual_seed(seed)
-        out = self.model.generate(
-            input_ids=enc["input_ids"].repeat_interleave(group_size, 0),
-            attention_mask=enc["attention_mask"].repeat_interleave(group_size, 0),
-            do_sample=temperature > 0,
-            temperature=max(temperature, 1e-5),
-            top_p=top_p,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        prompt_len = enc["input_ids"].shape[1]
+        if is_ssm(self.model):  # no KV cache to drop rows from: Hugging Face's loop with the model's own cache
+            input_ids = enc["input_ids"].repeat_interleave(group_size, 0)
+            attention_mask = enc["attention_mask"].repeat_interleave(group_size, 0)
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=temperature > 0,
+                temperature=max(temperature, 1e-5), top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            )[:, input_ids.shape[1]:]
+        else:
+            generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+            out = sample(self.model, enc["input_ids"], enc["attention_mask"], max_new_tokens, tok.eos_token_id,
+                         tok.pad_token_id, temperature, top_p, generator, group_size=group_size)
         rollouts = []
-        for i, row in enumerate(out[:, prompt_len:].tolist()):
+        for i, row in enumerate(out.tolist()):
             p = i // group_size
             truncated = tok.eos_token_id not in row
             response = row if truncated else row[: row.index(tok.eos_token_id) + 1]

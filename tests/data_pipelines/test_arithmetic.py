@@ -1,6 +1,8 @@
 import random
 import re
 
+import pytest
+
 from data_pipelines.arithmetic import FILLER_SENTENCES, ArithmeticSpec, generate, make_problem
 
 
@@ -36,6 +38,25 @@ def test_difficulty_and_verbosity_knobs():
         fillers = row["filler_sentences"][0]
         assert fillers and all(f in FILLER_SENTENCES and f in reasoning for f in fillers)
     assert all(r["filler_sentences"] == [[]] for r in generate(ArithmeticSpec(verbosity=0.0), 20, seed=0))
+
+
+def test_response_level_verbosity_gives_a_filler_after_every_step_or_none():
+    rows = generate(ArithmeticSpec(verbosity=0.7, filler_style="response"), 400, seed=0)
+    verbose = 0
+    for row in rows:
+        reasoning = row["messages"][1]["reasoning_content"]
+        fillers = row["filler_sentences"][0]
+        parts = [p for p in reasoning.replace(": ", ":|").replace(". ", ".|").split("|") if p]
+        steps = [p for p in parts if p not in FILLER_SENTENCES]
+        if fillers:
+            verbose += 1
+            assert len(fillers) == len(steps)  # one after each step
+            assert all(parts[2 * i + 1] == fillers[i] for i in range(len(steps)))
+        else:
+            assert parts == steps
+    assert abs(verbose / len(rows) - 0.7) < 0.07  # 400 draws: standard error 0.023
+    with pytest.raises(ValueError, match="filler_style"):
+        ArithmeticSpec(filler_style="sentence")
 
 
 def test_multi_turn_and_reproducibility():

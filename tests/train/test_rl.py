@@ -60,6 +60,8 @@ def test_rl_driver_runs_steps_syncs_weights_and_checkpoints(compose, tmp_path, r
         ("trainer.world_size=64", r"trainer\.world_size=64 exceeds"),
         ("algorithm.group_size=1", r"algorithm\.group_size=1"),
         ("algorithm=dapo", r"algorithm\.overlong_penalty\.cache_len=32"),  # budget of 12 tokens in FAST_RL
+        ("rollout.async_steps=2", r"rollout\.async_steps=2 must be 0"),
+        ("rollout.num_threads=0", r"rollout\.num_threads=0 must be >= 1"),
     ],
 )
 def test_bad_rl_config_fails_before_any_work(compose, tmp_path, override, message):
@@ -69,15 +71,21 @@ def test_bad_rl_config_fails_before_any_work(compose, tmp_path, override, messag
     assert not (tmp_path / "bad").exists()
 
 
-def test_rl_resume_replays_the_same_steps(compose, tmp_path, ray_cleanup):
+@pytest.mark.parametrize("async_steps", [0, 1])
+def test_rl_resume_replays_the_same_steps(compose, tmp_path, ray_cleanup, async_steps):
     """Kill after step 1 (simulated: drop later checkpoints), resume: steps 2-3 give the same metrics.
 
     On the random test model every reward is 0, so this checks the replay of prompts, sampling seeds, policy
     versions and log-prob/entropy forwards after a restore; the optimizer-state half of resume needs a model
-    that earns rewards (the SFT checkpoint), which is too slow for the suite."""
+    that earns rewards (the SFT checkpoint), which is too slow for the suite. With async_steps=1 the rollouts
+    of step 2 were sampled before the checkpoint of step 1 by the weights before update 1: the checkpoint keeps
+    them (without them the resumed step 2 would sample with newer weights and differ)."""
     import shutil
 
-    base = FAST_RL + ["trainer.max_steps=3", "trainer.keep_last=3", "rollout.max_new_tokens=24"]
+    base = FAST_RL + ["trainer.max_steps=3", "trainer.keep_last=3", "rollout.max_new_tokens=24",
+                      f"rollout.async_steps={async_steps}"]
+    if async_steps:  # rewards that differ within a group, so that the updates move the weights
+        base += VARIED_REWARD
     full = run(compose(base + [f"run_dir={tmp_path}/full"]))
     run(compose(base + [f"run_dir={tmp_path}/cut"]))
     ckpts = tmp_path / "cut" / "checkpoints"
@@ -89,6 +97,39 @@ def test_rl_resume_replays_the_same_steps(compose, tmp_path, ray_cleanup):
     for expected, got in zip(full["history"][1:], resumed["history"]):
         same = {k: v for k, v in expected.items() if not k.startswith("perf/")}
         assert {k: got[k] for k in same} == pytest.approx(same, rel=1e-6, abs=1e-7)
+
+
+def test_async_rollouts_are_one_version_old_and_overlap_the_update(compose, tmp_path, ray_cleanup):
+    """rollout.async_steps=1: step 1 trains on rollouts of the initial weights (sampled during update 0), step 2
+    on those of version 1 (the workers finish a generation before they load newer weights)."""
+    cfg = compose(FAST_RL + VARIED_REWARD + ["trainer.max_steps=3", "rollout.async_steps=1", "trainer.save_every=0",
+                                             f"run_dir={tmp_path}/async"])
+    out = run(cfg)
+    versions = [h["rollout/policy_version"] for h in out["history"]]
+    assert versions == [0, 0, 1]
+    assert [h["rollout/staleness"] for h in out["history"]] == [0, 1, 1]
+    sync = run(compose(FAST_RL + VARIED_REWARD + ["trainer.max_steps=3", "trainer.save_every=0", f"run_dir={tmp_path}/sync"]))
+    assert [h["rollout/policy_version"] for h in sync["history"]] == [0, 1, 2]
+    # the first step samples the same prompts with the same seed and weights either way
+    assert out["history"][0]["reward/total"] == pytest.approx(sync["history"][0]["reward/total"])
+    assert out["history"][0]["rollout/response_length_mean"] == sync["history"][0]["rollout/response_length_mean"]
+
+
+@pytest.mark.parametrize(
+    "cores, world, workers, overlap, expected",
+    [
+        (2, 1, 1, False, (2, 2)),  # alternate phases: each takes every core
+        (2, 1, 1, True, (1, 1)),  # overlapped: half each
+        (16, 2, 2, True, (4, 4)),
+        (16, 2, 1, False, (8, 16)),
+        (1, 1, 1, True, (1, 1)),  # never 0 threads
+    ],
+)
+def test_cpu_thread_split(cores, world, workers, overlap, expected):
+    from train.rl import cpu_threads
+
+    assert cpu_threads(cores, world, workers, overlap, "colocated") == expected
+    assert cpu_threads(cores, world, workers, overlap, "disaggregated") == (None, None)
 
 
 def test_dapo_dynamic_sampling_drops_equal_reward_groups_and_refills(compose, tmp_path, ray_cleanup):

@@ -1,0 +1,78 @@
+"""Batched sampling for RL rollouts on a Hugging Face causal LM with a KV cache (the `hf` rollout backend).
+
+Same distribution as ``model.generate(do_sample=True, temperature=T, top_p=p, top_k=0)``, less work per token:
+
+- rows that have produced eos leave the batch (their KV-cache rows are dropped once a quarter of the batch has
+  finished), so the step cost follows the rows still generating instead of the longest one;
+- the prompt is computed once for its ``group_size`` samples (its KV-cache rows are then repeated);
+- a token is drawn by inverse-CDF sampling, one uniform number per row (``torch.multinomial`` draws one
+  exponential per vocabulary entry), from a ``torch.Generator`` seeded per call.
+
+Greedy decoding (temperature 0) takes the argmax and gives exactly ``generate``'s greedy tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of ``logits`` [n, vocab] -> [n].
+
+    p = softmax(logits / T); with top_p < 1 only the smallest set of most likely tokens whose probability
+    reaches top_p keeps its mass (nucleus sampling, Holtzman et al. 2020), renormalised. The token is the first
+    index whose cumulative probability exceeds u * total, u ~ U[0, 1) (inverse CDF). T = 0: argmax.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [n, vocab]
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        probs = probs.masked_fill(before >= top_p, 0.0)  # the most likely token always stays (before = 0)
+    cdf = probs.cumsum(dim=-1)  # [n, vocab]
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    index = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)  # [n]
+    return index if order is None else order.gather(1, index[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
+           pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+           compact_fraction: float = 0.25, group_size: int = 1) -> torch.Tensor:
+    """Responses [B * group_size, max_new_tokens] to left-padded prompts ``input_ids`` [B, P] (``attention_mask``
+    1 on tokens), ``group_size`` per prompt (prompt 0's first): sampled tokens up to and including eos,
+    ``pad_token_id`` after it."""
+    batch = input_ids.shape[0] * group_size
+    out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
+    if max_new_tokens == 0 or batch == 0:
+        return out
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: the first real token is position 0
+    cache = DynamicCache()
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    if group_size > 1:  # one prefill per prompt; its samples start from copies of its cache rows
+        cache.batch_repeat_interleave(group_size)
+        logits, mask, positions = (t.repeat_interleave(group_size, 0) for t in (logits, mask, positions))
+    rows = torch.arange(batch, device=input_ids.device)  # output row of each batch row still in the cache
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)  # finished rows still in the cache
+    position = positions[:, -1:]
+    for t in range(max_new_tokens):
+        token = sample_tokens(logits, temperature, top_p, generator)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        out[rows, t] = token
+        done = done | (token == eos_token_id)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        if int(done.sum()) >= max(1, int(compact_fraction * len(rows))):  # drop finished rows from the batch
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, mask, position, token, done = rows[keep], mask[keep], position[keep], token[keep], done[keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        position = position + 1
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
+                       use_cache=True).logits[:, -1]
+    return out
