@@ -11,7 +11,8 @@ Knobs:
 - verbosity: how much redundant reasoning (sentences drawn from FILLER_SENTENCES). ``filler_style="step"``:
   a filler after each reasoning step with probability ``verbosity``; ``"response"``: with probability
   ``verbosity`` the whole response is verbose (a filler after every step), else it has none (two styles, as
-  an overthinking model's verbose and concise answers). The generator records which sentences it inserted
+  an overthinking model's verbose and concise answers); ``fillers_per_step`` sentences at each verbose step
+  (drawn with replacement). The generator records which sentences it inserted
   so that length rewards can be tested with exact significance labels;
 - ``turns``: several questions in one chat (multi-turn reasoning data).
 
@@ -47,6 +48,7 @@ class ArithmeticSpec:
     ops: tuple[str, ...] = ("+", "-")
     verbosity: float = 0.0  # probability of a filler sentence after each reasoning step (of a verbose response)
     filler_style: str = "step"  # step (each step drawn apart) | response (one draw: every step or none)
+    fillers_per_step: int = 1  # filler sentences inserted at each verbose step
     turns: int = 1  # questions per chat
     word_problems: bool = True  # "Ann has 12 apples..." instead of "What is 12 + 34?"
 
@@ -61,6 +63,8 @@ class ArithmeticSpec:
             raise ValueError(f"data.verbosity must be in [0, 1], got {self.verbosity}")
         if self.filler_style not in ("step", "response"):
             raise ValueError(f"data.filler_style must be 'step' or 'response', got {self.filler_style!r}")
+        if self.fillers_per_step < 1:
+            raise ValueError(f"data.fillers_per_step must be >= 1, got {self.fillers_per_step}")
         if self.turns < 1:
             raise ValueError(f"data.turns must be >= 1, got {self.turns}")
 
@@ -138,9 +142,10 @@ def make_problem(rng: random.Random, spec: ArithmeticSpec) -> dict:
     for step in steps:
         reasoning.append(step)
         if verbose or (spec.filler_style == "step" and spec.verbosity > 0 and rng.random() < spec.verbosity):
-            filler = rng.choice(FILLER_SENTENCES)
-            reasoning.append(filler)
-            fillers.append(filler)
+            for _ in range(spec.fillers_per_step):
+                filler = rng.choice(FILLER_SENTENCES)
+                reasoning.append(filler)
+                fillers.append(filler)
     return {
         "question": _question(rng, operands, ops, spec.word_problems),
         "reasoning": " ".join(reasoning),

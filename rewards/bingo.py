@@ -173,3 +173,10 @@ class BingoLengthReward:
             "w_e": torch.full((batch,), w_e, dtype=torch.float64),
         }
         return reward.to(torch.float32), diagnostics
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict() if self.dynamic else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.schedule.load_state_dict(state)

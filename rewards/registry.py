@@ -58,6 +58,17 @@ class CombinedReward:
                 diagnostics[f"{name}/{key}"] = value
         return total, scores, diagnostics
 
+    def state_dict(self) -> dict:
+        """State kept across steps by components that have any (Bingo's dynamic schedule), by component name."""
+        states = {name: fn.state_dict() for name, fn in self.components.items() if hasattr(fn, "state_dict")}
+        return {name: state for name, state in states.items() if state}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            if name not in self.components:
+                raise KeyError(f"reward state names component {name!r}, but the run's rewards are {sorted(self.components)}")
+            self.components[name].load_state_dict(value)
+
     def close(self) -> None:
         for fn in self.components.values():
             if hasattr(fn, "close"):

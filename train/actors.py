@@ -31,17 +31,18 @@ class TrainerGroup:
     """
 
     def __init__(self, world_size: int, model_path: str, attn_backend: str, trainer_cfg: dict,
-                 micro_batches_per_rank: int, seed: int = 0, num_cpus_per_rank: float = 1, num_gpus_per_rank: float = 0,
+                 micro_batches_per_rank: int, seed: int = 0, rank_options: list[dict] | None = None,
                  num_threads: int | None = None):
         self.world_size = world_size
-        actor = ray.remote(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank)(PolicyTrainer)
+        rank_options = rank_options or [{"num_cpus": 1}] * world_size  # Ray options per rank (train/placement.py)
+        actor = ray.remote(PolicyTrainer)
         address = "127.0.0.1"
         for attempt in range(3):
             # the rendezvous port is free when picked, but another process (gloo's own connections use the same
             # ephemeral range) may take it before rank 0 listens: then start again on a new port
             port, group = free_port(), uuid.uuid4().hex[:8]
             self.ranks = [
-                actor.options(name=f"policy_trainer_{group}_{rank}").remote(
+                actor.options(name=f"policy_trainer_{group}_{rank}", **rank_options[rank]).remote(
                     rank, world_size, address, port, model_path, attn_backend, dict(trainer_cfg), micro_batches_per_rank,
                     seed, num_threads)
                 for rank in range(world_size)
@@ -113,11 +114,13 @@ class RolloutPool:
     runs is queued behind it by Ray (actor calls run in order), so that generation keeps the weights it started with.
     """
 
-    def __init__(self, num_workers: int, model_path: str, seed: int = 0, num_cpus_per_worker: float = 1,
-                 num_gpus_per_worker: float = 0, max_restarts_per_step: int = 3, backend: str = "hf",
-                 num_threads: int | None = None):
-        if num_gpus_per_worker == 0 and num_cpus_per_worker < 1:
-            num_cpus_per_worker = 0  # colocated on CPU: Ray accepts 0 or a whole number here
+    def __init__(self, num_workers: int, model_path: str, seed: int = 0, worker_options: list[dict] | None = None,
+                 max_restarts_per_step: int = 3, backend: str = "hf", num_threads: int | None = None):
+        # Ray options per worker (train/placement.py); a replacement worker gets the options of the one it replaces
+        self.worker_options = worker_options or [{"num_cpus": 1}] * num_workers
+        if len(self.worker_options) != num_workers:
+            raise ValueError(f"{len(self.worker_options)} worker options for {num_workers} rollout workers")
+        on_gpu = self.worker_options[0].get("num_gpus", 0) > 0
         if backend == "vllm":
             from train.vllm_worker import VLLMRolloutWorker as worker_class
 
@@ -125,16 +128,19 @@ class RolloutPool:
         elif backend == "hf":
             from train.rollout_worker import RolloutWorker as worker_class
 
-            self._worker_kwargs = {"device": "cuda" if num_gpus_per_worker > 0 else "cpu", "num_threads": num_threads}
+            self._worker_kwargs = {"device": "cuda" if on_gpu else "cpu", "num_threads": num_threads}
         else:
             raise ValueError(f"rollout.backend={backend!r} must be hf or vllm")
-        self._actor = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(worker_class)
+        self._actor = ray.remote(worker_class)
         self.model_path, self.seed, self.max_restarts_per_step = model_path, seed, max_restarts_per_step
-        self.workers = [self._actor.remote(model_path, seed + i, **self._worker_kwargs) for i in range(num_workers)]
+        self.workers = [self._start(i) for i in range(num_workers)]
         self.weights_ref, self.version, self.restarts = None, 0, 0
 
+    def _start(self, index: int):
+        return self._actor.options(**self.worker_options[index]).remote(self.model_path, self.seed + index, **self._worker_kwargs)
+
     def _replace(self, index: int) -> None:
-        worker = self._actor.remote(self.model_path, self.seed + index, **self._worker_kwargs)
+        worker = self._start(index)
         if self.weights_ref is not None:
             ray.get(worker.load_weights.remote(self.weights_ref, self.version))
         self.workers[index] = worker

@@ -146,6 +146,20 @@ def check_rl(cfg: DictConfig) -> None:
              f"trainer.share_prompt=true is implemented for model.attn_backend=sdpa, got {cfg.model.attn_backend}; "
              "set trainer.share_prompt=auto or false")
     _require(r.num_workers >= 1, f"rollout.num_workers={r.num_workers} must be >= 1")
+    reward_workers = r.get("reward_workers", 1)
+    _require(isinstance(reward_workers, int) and reward_workers >= 0,
+             f"rollout.reward_workers={reward_workers} must be an integer >= 0 (0 = rewards computed in the driver)")
+    if cfg.cluster.placement == "disaggregated" and not cfg.cluster.get("ray_address"):
+        # every actor holds a device (rollout, reference) or CPU (reward) of its own: Ray would wait forever otherwise
+        cpus = cfg.cluster.get("ray_num_cpus") or os.cpu_count() or 1
+        devices = t.world_size + r.num_workers * (2 if a.get("momentum_rollout") else 1) + (1 if a.kl.beta > 0 else 0)
+        needed_cpus = reward_workers + (0 if on_gpu else devices)
+        _require(not on_gpu or devices <= available,
+                 f"cluster.placement=disaggregated needs {devices} GPUs (trainer ranks + rollout workers + reference), "
+                 f"this machine has {available}: use cluster.placement=colocated or fewer workers")
+        _require(needed_cpus <= cpus,
+                 f"cluster.placement=disaggregated needs {needed_cpus} CPUs (one per trainer rank, rollout, reference and "
+                 f"reward worker), Ray has {cpus}: use cluster.placement=colocated, fewer workers, or set cluster.ray_num_cpus")
     _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
     _require(
         r.prompts_per_step * a.group_size >= t.world_size * t.micro_batches_per_rank,

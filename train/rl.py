@@ -38,6 +38,7 @@ from train.config_checks import ConfigError, check_rl
 from train.evaluate import evaluate
 from train.forward import per_document
 from train.model_zoo import ATTENTION_FREE, load_model, load_tokenizer, resolve_model_path
+from train.placement import plan
 from train.multiturn_rollout import chat_prompts, generate_chats, merge_turns, score_chats
 from train.run_logger import RunLogger
 from train.runtime import seed_everything
@@ -56,21 +57,6 @@ def init_ray(cluster_cfg) -> None:
         ray.init(address=cluster_cfg.ray_address, log_to_driver=False)
     else:
         ray.init(num_cpus=cluster_cfg.get("ray_num_cpus") or os.cpu_count(), include_dashboard=False, log_to_driver=False)
-
-
-def placement(mode: str, on_gpu: bool) -> dict:
-    """Ray resource requests per actor kind. ``colocated``: rollout/reference actors share the trainer's devices
-    (the driver alternates phases, so they never compute at the same time); ``disaggregated``: each actor gets
-    a device (GPU) or CPU of its own."""
-    unit = "num_gpus" if on_gpu else "num_cpus"
-    if mode == "colocated":
-        shared = {"num_gpus": 0.5, "num_cpus": 0} if on_gpu else {"num_cpus": 0}
-        trainer = {"num_gpus_per_rank": 0.5, "num_cpus_per_rank": 1} if on_gpu else {"num_cpus_per_rank": 1}
-        rollout = {"num_gpus_per_worker": 0.5, "num_cpus_per_worker": 0} if on_gpu else {"num_cpus_per_worker": 0}
-        return {"trainer": trainer, "rollout": rollout, "reference": shared}
-    if mode == "disaggregated":
-        return {"trainer": {f"{unit}_per_rank": 1}, "rollout": {f"{unit}_per_worker": 1}, "reference": {unit: 1}}
-    raise ValueError(f"cluster.placement={mode!r} must be colocated or disaggregated")
 
 
 def cpu_threads(cores: int, world_size: int, num_workers: int, overlap: bool, placement_mode: str) -> tuple[int | None, int | None]:
@@ -201,8 +187,11 @@ def run(cfg: DictConfig) -> dict:
 
     from train.actors import RolloutPool, TrainerFailure, TrainerGroup
     from train.reference_worker import ReferenceWorker
+    from train.reward_workers import RewardPool
 
     run_dir = Path(cfg.run_dir)
+    if cfg.cluster.get("num_threads"):  # the driver's own torch work: held-out evaluation, checkpoint conversion
+        torch.set_num_threads(cfg.cluster.num_threads)
     seed_everything(cfg.seed)
     t_cfg, r_cfg, a_cfg = cfg.trainer, cfg.rollout, cfg.algorithm
 
@@ -219,7 +208,10 @@ def run(cfg: DictConfig) -> dict:
     if "bingo" in cfg.reward and cfg.reward.bingo.get("scorer", {}).get("model", "") is None:
         with open_dict(cfg):  # the self-information scorer defaults to the policy's starting weights
             cfg.reward.bingo.scorer.model = model_path
-    reward_fn = build_reward(cfg.reward)
+    # rollout.reward_workers=0: the reward functions run in this process (built now, so bad settings fail first);
+    # else in reward worker actors (started below, before any other actor)
+    reward_workers = int(r_cfg.get("reward_workers", 1))
+    reward_fn = build_reward(cfg.reward) if reward_workers == 0 else None
     group_size = int(a_cfg.group_size)
     advantage_fn = instantiate(a_cfg.advantage)
     objective = instantiate(a_cfg.loss)
@@ -244,29 +236,33 @@ def run(cfg: DictConfig) -> dict:
     init_ray(cfg.cluster)
 
     micro_batches = t_cfg.world_size * t_cfg.micro_batches_per_rank
-    res = placement(cfg.cluster.placement, torch.cuda.is_available())
+    momentum_workers = r_cfg.num_workers if a_cfg.get("momentum_rollout") else 0
+    places = plan(cfg.cluster.placement, torch.cuda.is_available(), t_cfg.world_size, r_cfg.num_workers, momentum_workers)
     # rollout.async_steps=1: the next step's rollouts are generated (by the weights before this step's update)
     # while this step's update runs; they are one policy version old when trained on
     overlap = int(r_cfg.get("async_steps", 0)) == 1
-    rollout_workers = r_cfg.num_workers * (2 if a_cfg.get("momentum_rollout") else 1)
+    rollout_workers = r_cfg.num_workers + momentum_workers
     trainer_threads, rollout_threads = None, None
     if not torch.cuda.is_available() and not cfg.cluster.get("ray_address"):
         cores = int(cfg.cluster.get("ray_num_cpus") or os.cpu_count() or 1)
         trainer_threads, rollout_threads = cpu_threads(cores, t_cfg.world_size, rollout_workers, overlap, cfg.cluster.placement)
     trainer_threads = t_cfg.get("num_threads") or trainer_threads
     rollout_threads = r_cfg.get("num_threads") or rollout_threads
+    if reward_fn is None:  # rewards are computed after generation: the rollout workers' threads are free then
+        reward_fn = RewardPool(reward_workers, OmegaConf.to_container(cfg.reward, resolve=True), places.reward,
+                               num_threads=rollout_threads)
     trainer = TrainerGroup(t_cfg.world_size, start_path, cfg.model.attn_backend, OmegaConf.to_container(t_cfg),
-                           t_cfg.micro_batches_per_rank, cfg.seed, **res["trainer"], num_threads=trainer_threads)
-    pool = RolloutPool(r_cfg.num_workers, start_path, cfg.seed, backend=r_cfg.backend, **res["rollout"],
+                           t_cfg.micro_batches_per_rank, cfg.seed, places.trainer, num_threads=trainer_threads)
+    pool = RolloutPool(r_cfg.num_workers, start_path, cfg.seed, places.rollout, backend=r_cfg.backend,
                        num_threads=rollout_threads)
     reference = None
     if kl_beta > 0:
-        reference = ray.remote(**res["reference"])(ReferenceWorker).remote(model_path, cfg.model.attn_backend)
+        reference = ray.remote(ReferenceWorker).options(**places.reference).remote(model_path, cfg.model.attn_backend)
     # AAPO: the momentum model is sampled by rollout workers of its own, like the policy. It starts as the
     # initial policy; with momentum.alpha < 1 it follows the policy by EMA (weights kept here and checkpointed).
     momentum_pool, momentum_state = None, None
     if a_cfg.get("momentum_rollout"):
-        momentum_pool = RolloutPool(r_cfg.num_workers, model_path, cfg.seed + 7_919, backend=r_cfg.backend, **res["rollout"],
+        momentum_pool = RolloutPool(r_cfg.num_workers, model_path, cfg.seed + 7_919, places.momentum, backend=r_cfg.backend,
                                     num_threads=rollout_threads)
 
     step, prefetched = 0, None  # prefetched: the next step's first sampling round, under way (async_steps=1)
@@ -274,6 +270,7 @@ def run(cfg: DictConfig) -> dict:
         state = checkpoint.load_trainer_state(resume_from)
         trainer.load_state(str(resume_from))
         sampler.load_state_dict(state["sampler"])
+        reward_fn.load_state_dict(state.get("reward", {}))  # e.g. Bingo's dynamic length schedule
         checkpoint.set_rng_state(state["rng"])
         step = state["step"]
         pool.sync(trainer.full_state_dict(), step)
@@ -309,7 +306,8 @@ def run(cfg: DictConfig) -> dict:
 
     def save(weights):
         hf_model.load_state_dict(weights, strict=False)
-        return checkpoint.save(run_dir, step, hf_model, tokenizer, {"sampler": sampler.state_dict(), "algorithm": a_cfg.name},
+        return checkpoint.save(run_dir, step, hf_model, tokenizer, {"sampler": sampler.state_dict(), "algorithm": a_cfg.name,
+                                                                    "reward": reward_fn.state_dict()},
                                t_cfg.keep_last, write_extra=write_extra)
 
     def run_eval(weights) -> dict:
@@ -526,9 +524,10 @@ def run(cfg: DictConfig) -> dict:
     except TrainerFailure as err:
         progress.close()
         logger.finish()
-        for group in (trainer, pool, momentum_pool):
-            if group is not None:
+        for group in (trainer, pool, momentum_pool, reward_fn):
+            if hasattr(group, "shutdown"):
                 group.shutdown()
+        places.remove()
         last = checkpoint.latest(run_dir)
         raise TrainerFailure(
             f"{err}. The run stopped at step {step}; the last good checkpoint is "
@@ -540,8 +539,10 @@ def run(cfg: DictConfig) -> dict:
     pool.shutdown()
     if momentum_pool is not None:
         momentum_pool.shutdown()
-    if hasattr(reward_fn, "close"):
-        reward_fn.close()
+    reward_fn.close()
+    if hasattr(reward_fn, "shutdown"):
+        reward_fn.shutdown()
+    places.remove()
     print(f"checkpoint: {final}")
     print(f"metrics:    {logger.metrics_path}")
     if "eval/accuracy" in eval_result:

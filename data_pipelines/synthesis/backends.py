@@ -95,8 +95,8 @@ class RayBackend:
                 ray.init(address=ray_address, log_to_driver=False)
             else:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        self.pool = RolloutPool(num_workers, model_path, num_cpus_per_worker=0 if not num_gpus_per_worker else 1,
-                                num_gpus_per_worker=num_gpus_per_worker)
+        options = {"num_cpus": 1, "num_gpus": num_gpus_per_worker} if num_gpus_per_worker else {"num_cpus": 0}
+        self.pool = RolloutPool(num_workers, model_path, worker_options=[options] * num_workers)
         self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
         self.name = f"ray:{model_path}"
 

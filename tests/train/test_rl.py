@@ -75,17 +75,17 @@ def test_bad_rl_config_fails_before_any_work(compose, tmp_path, override, messag
 def test_rl_resume_replays_the_same_steps(compose, tmp_path, ray_cleanup, async_steps):
     """Kill after step 1 (simulated: drop later checkpoints), resume: steps 2-3 give the same metrics.
 
-    On the random test model every reward is 0, so this checks the replay of prompts, sampling seeds, policy
-    versions and log-prob/entropy forwards after a restore; the optimizer-state half of resume needs a model
-    that earns rewards (the SFT checkpoint), which is too slow for the suite. With async_steps=1 the rollouts
-    of step 2 were sampled before the checkpoint of step 1 by the weights before update 1: the checkpoint keeps
-    them (without them the resumed step 2 would sample with newer weights and differ)."""
+    The random test model never answers correctly; length rewards that differ within a group make the updates
+    move the weights, so this checks the replay of prompts, sampling seeds, policy versions, optimizer state and
+    log-prob/entropy forwards after a restore. On-policy, the reward is Bingo's with its dynamic schedule from
+    step 0 (on zero accuracy w_e falls every step): the checkpoint keeps the schedule (else step 3 differs).
+    With async_steps=1 the rollouts of step 2 were sampled before the checkpoint of step 1 by the weights before
+    update 1: the checkpoint keeps them (without them the resumed step 2 would sample with newer weights)."""
     import shutil
 
     base = FAST_RL + ["trainer.max_steps=3", "trainer.keep_last=3", "rollout.max_new_tokens=24",
                       f"rollout.async_steps={async_steps}"]
-    if async_steps:  # rewards that differ within a group, so that the updates move the weights
-        base += VARIED_REWARD
+    base += VARIED_REWARD if async_steps else ["reward=[correctness,bingo]", "reward.bingo.schedule_start_step=0"]
     full = run(compose(base + [f"run_dir={tmp_path}/full"]))
     run(compose(base + [f"run_dir={tmp_path}/cut"]))
     ckpts = tmp_path / "cut" / "checkpoints"
