@@ -91,6 +91,7 @@ def check_rl(cfg: DictConfig) -> None:
     _require(t.max_steps is not None and t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
     _require(t.zero_stage in (0, 1, 2, 3), f"trainer.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     _require(t.world_size >= 1, f"trainer.world_size={t.world_size} must be >= 1")
+    _require(t.ppo_epochs >= 1, f"trainer.ppo_epochs={t.ppo_epochs} must be >= 1")
     on_gpu = torch.cuda.is_available()
     available = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)
     if not cfg.cluster.get("ray_address"):  # a remote Ray cluster is checked by Ray's own scheduler
@@ -161,6 +162,16 @@ def check_rl(cfg: DictConfig) -> None:
                  f"cluster.placement=disaggregated needs {needed_cpus} CPUs (one per trainer rank, rollout, reference and "
                  f"reward worker), Ray has {cpus}: use cluster.placement=colocated, fewer workers, or set cluster.ray_num_cpus")
     _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
+    minis = t.get("ppo_mini_batches", 1)
+    _require(isinstance(minis, int) and 1 <= minis <= r.prompts_per_step,
+             f"trainer.ppo_mini_batches={minis} must be an integer in [1, rollout.prompts_per_step={r.prompts_per_step}] "
+             "(each mini-batch holds whole groups)")
+    _require(
+        r.prompts_per_step // max(minis, 1) * a.group_size >= t.world_size * t.micro_batches_per_rank,
+        f"trainer.ppo_mini_batches={minis}: each mini-batch of {r.prompts_per_step // max(minis, 1)} prompts x "
+        f"algorithm.group_size={a.group_size} responses cannot fill trainer.world_size * trainer.micro_batches_per_rank "
+        f"= {t.world_size * t.micro_batches_per_rank} micro-batches; lower trainer.ppo_mini_batches",
+    )
     _require(
         r.prompts_per_step * a.group_size >= t.world_size * t.micro_batches_per_rank,
         f"rollout.prompts_per_step * algorithm.group_size = {r.prompts_per_step * a.group_size} responses cannot fill "

@@ -89,6 +89,43 @@ def rollouts_to_documents(rollouts, mask_truncated: bool = False) -> list[Docume
     return documents
 
 
+def mini_batch_shares(num_rollouts: int, group_size: int, mini_batches: int) -> list[list[int]]:
+    """Rollout indices of each PPO mini-batch: contiguous shares of whole groups, as equal as they divide."""
+    groups = num_rollouts // group_size
+    return [list(range(groups * k // mini_batches * group_size, groups * (k + 1) // mini_batches * group_size))
+            for k in range(mini_batches)]
+
+
+class UpdateBatch(NamedTuple):
+    """One optimizer step's micro-batches; ``members[j]``: indices (into the step's rollouts) of micro-batch j's
+    responses in its order; token counts for the aggregation normaliser and throughput."""
+
+    micro: list
+    members: list[list[int]]
+    response_tokens: int
+    tokens: int
+    samples: int
+
+
+def pack_update(rollouts, indices: list[int], num_batches: int, *, share_prompt: bool, group_size: int, row_tokens: int,
+                attn_backend: str, pad_token_id: int, mask_truncated: bool) -> UpdateBatch:
+    """``num_batches`` micro-batches of ``rollouts[indices]``: each prompt computed once for its group
+    (``share_prompt``, data_pipelines/shared_prompt.py) when there are enough groups, else packed documents."""
+    chosen = [rollouts[i] for i in indices]
+    if share_prompt and len(chosen) // group_size >= num_batches:
+        micro, members = shared_prompt_batches(chosen, num_batches, pad_token_id, mask_truncated)
+        response_tokens = int(sum(int(b.loss_mask.sum()) for b in micro))
+        tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in chosen)
+    else:
+        documents = rollouts_to_documents(chosen, mask_truncated)
+        if attn_backend == "sdpa":  # a dense [row, row] mask per row: rows no longer than the longest document
+            row_tokens = min(row_tokens, max(len(d) for d in documents))  # (flex and flash skip masked blocks)
+        micro, members = pack_balanced(documents, num_batches, row_tokens, pad_token_id)
+        response_tokens = sum(sum(d.loss_mask) for d in documents)
+        tokens = sum(len(d) for d in documents)
+    return UpdateBatch(micro, [[indices[j] for j in m] for m in members], response_tokens, tokens, len(chosen))
+
+
 class Sampled(NamedTuple):
     """One sampling round: rollouts grouped by prompt, their rewards [B] and components, the momentum model's
     rewards [B] (AAPO, else None) and the prompt of each rollout."""
@@ -236,6 +273,7 @@ def run(cfg: DictConfig) -> dict:
     init_ray(cfg.cluster)
 
     micro_batches = t_cfg.world_size * t_cfg.micro_batches_per_rank
+    mini_batches = int(t_cfg.get("ppo_mini_batches", 1))
     momentum_workers = r_cfg.num_workers if a_cfg.get("momentum_rollout") else 0
     places = plan(cfg.cluster.placement, torch.cuda.is_available(), t_cfg.world_size, r_cfg.num_workers, momentum_workers)
     # rollout.async_steps=1: the next step's rollouts are generated (by the weights before this step's update)
@@ -408,54 +446,56 @@ def run(cfg: DictConfig) -> dict:
                 progress.update(1)
                 continue
 
-            mask_truncated = bool(a_cfg.get("mask_truncated", False))
-            if share_prompt and len(rollouts) // group_size >= micro_batches:  # each prompt computed once per group
-                micro, members = shared_prompt_batches(rollouts, micro_batches, tokenizer.pad_token_id, mask_truncated)
-                response_tokens = int(sum(int(b.loss_mask.sum()) for b in micro))
-                step_tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-            else:
-                documents = rollouts_to_documents(rollouts, mask_truncated)
-                # sdpa builds a dense [row, row] mask per row: rows as long as the longest document waste no
-                # attention (flex and flash skip masked blocks, so they keep the long rows)
-                row_tokens = t_cfg.row_tokens
-                if cfg.model.attn_backend == "sdpa":
-                    row_tokens = min(row_tokens, max(len(d) for d in documents))
-                micro, members = pack_balanced(documents, micro_batches, row_tokens, tokenizer.pad_token_id)
-                response_tokens = sum(sum(d.loss_mask) for d in documents)
-                step_tokens = sum(len(d) for d in documents)
-            # pi_old log-probs need their own forward only when the update cannot produce them: several PPO epochs
-            # (later epochs see moved weights) or KL folded into the reward (needed before the advantages). With one
-            # epoch the update's own log-probs, detached, are exactly pi_old (as in TRL).
-            old, masks = [None] * len(micro), [None] * len(micro)
-            if t_cfg.ppo_epochs > 1 or kl_reward is not None:
+            # trainer.ppo_mini_batches optimizer steps per epoch, each on a share of whole groups, packed into
+            # world_size * micro_batches_per_rank micro-batches
+            updates = [pack_update(rollouts, share, micro_batches, share_prompt=share_prompt, group_size=group_size,
+                                   row_tokens=t_cfg.row_tokens, attn_backend=cfg.model.attn_backend,
+                                   pad_token_id=tokenizer.pad_token_id, mask_truncated=bool(a_cfg.get("mask_truncated", False)))
+                       # a DAPO step short of groups may fill fewer mini-batches
+                       for share in mini_batch_shares(len(rollouts), group_size,
+                                                      min(mini_batches, len(rollouts) // group_size, len(rollouts) // micro_batches))]
+            optimizer_steps = t_cfg.ppo_epochs * len(updates)
+            step_tokens = sum(u.tokens for u in updates)
+            # pi_old log-probs need their own forward only when the update cannot produce them: several optimizer
+            # steps per rollout batch (PPO epochs or mini-batches: later ones see moved weights) or KL folded into
+            # the reward (needed before the advantages). With one step the update's own log-probs, detached, are
+            # exactly pi_old (as in TRL).
+            old = [[None] * len(u.micro) for u in updates]
+            masks = [[None] * len(u.micro) for u in updates]
+            if optimizer_steps > 1 or kl_reward is not None:
                 t = time.perf_counter()
-                old, masks = zip(*[per_document(lp, b) for lp, b in zip(trainer.logprobs(micro), micro)])
+                for k, u in enumerate(updates):
+                    old[k], masks[k] = zip(*[per_document(lp, b) for lp, b in zip(trainer.logprobs(u.micro), u.micro)])
                 timing["old_logprobs"] = time.perf_counter() - t
-            ref = [None] * len(micro)
+            ref = [[None] * len(u.micro) for u in updates]
             if reference is not None:
                 t = time.perf_counter()
-                ref = [per_document(lp, b)[0] for lp, b in zip(ray.get(reference.logprobs.remote(micro)), micro)]
+                for k, u in enumerate(updates):
+                    ref[k] = [per_document(lp, b)[0] for lp, b in zip(ray.get(reference.logprobs.remote(u.micro)), u.micro)]
                 timing["reference"] = time.perf_counter() - t
             task_rewards = rewards
             if kl_reward is not None:  # kl.placement=reward: r_i - beta * sum_t kl_it, on the sampling-time log-probs
                 rewards = rewards.clone()
-                for m, o, rf, mask in zip(members, old, ref, masks):
-                    rewards[m] = kl_reward(rewards[m], o, rf, mask)
+                for k, u in enumerate(updates):
+                    for m, o, rf, mask in zip(u.members, old[k], ref[k], masks[k]):
+                        rewards[m] = kl_reward(rewards[m], o, rf, mask)
             if momentum_rewards is not None:
                 advantages = advantage_fn(rewards, group_size, momentum_rewards)  # [num_rollouts]
             else:
                 advantages = advantage_fn(rewards, group_size)  # [num_rollouts]
-            extras = [{"advantages": advantages[torch.tensor(m)], "old_logprobs": o, "ref_logprobs": rf}
-                      for m, o, rf in zip(members, old, ref)]
-            normalizer = {"token-mean": float(response_tokens)}.get(a_cfg.loss.aggregation.get("mode", "token-mean"), float(len(rollouts)))
+            extras = [[{"advantages": advantages[torch.tensor(m)], "old_logprobs": o, "ref_logprobs": rf}
+                       for m, o, rf in zip(u.members, old[k], ref[k])] for k, u in enumerate(updates)]
+            token_mean = a_cfg.loss.aggregation.get("mode", "token-mean") == "token-mean"
 
             t = time.perf_counter()
             trainer.set_lr(lr_at(step))
             stats = {}
             for _ in range(t_cfg.ppo_epochs):
-                for rank_stats in trainer.train_step(micro, make_loss_fn(objective, normalizer), 1.0, extras):
-                    for k, v in rank_stats.items():
-                        stats[k] = stats.get(k, 0.0) + v
+                for u, u_extras in zip(updates, extras):
+                    normalizer = float(u.response_tokens if token_mean else u.samples)
+                    for rank_stats in trainer.train_step(u.micro, make_loss_fn(objective, normalizer), 1.0, u_extras):
+                        for k, v in rank_stats.items():
+                            stats[k] = stats.get(k, 0.0) + v
             timing["update"] = time.perf_counter() - t
             step += 1
 
@@ -493,16 +533,17 @@ def run(cfg: DictConfig) -> dict:
                 "train/advantage_mean": advantages.mean().item(),
                 "train/advantage_std": advantages.std().item() if len(advantages) > 1 else 0.0,
                 "train/advantage_abs_mean": advantages.abs().mean().item(),
-                "train/loss": stats.get("loss_sum", 0.0) / t_cfg.ppo_epochs,
+                "train/loss": stats.get("loss_sum", 0.0) / optimizer_steps,
+                "train/optimizer_steps": optimizer_steps,
                 "train/entropy": stats.get("entropy_sum", 0.0) / max(stats.get("tokens", 1.0), 1.0),
-                "train/grad_norm": stats.get("grad_norm", float("nan")) / t_cfg.world_size,
+                "train/grad_norm": stats.get("grad_norm", float("nan")) / (t_cfg.world_size * optimizer_steps),
                 "train/lr": lr_at(step - 1),
                 **{f"perf/time_{k}": v for k, v in timing.items()},
                 "perf/tokens_per_s": float(step_tokens) / sum(timing.values()),
             }
             for key in ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl"):
                 if key in stats:
-                    metrics[f"train/{key}"] = stats[key] / (t_cfg.world_size * t_cfg.micro_batches_per_rank * t_cfg.ppo_epochs)
+                    metrics[f"train/{key}"] = stats[key] / (t_cfg.world_size * t_cfg.micro_batches_per_rank * optimizer_steps)
             if hasattr(sampler, "metrics"):
                 metrics.update(sampler.metrics())
             history.append(metrics)

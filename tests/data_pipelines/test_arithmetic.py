@@ -65,3 +65,17 @@ def test_multi_turn_and_reproducibility():
     assert rows[0]["answer"] == rows[0]["turn_answers"][-1]
     assert rows == generate(ArithmeticSpec(turns=3), 5, seed=7)
     assert rows != generate(ArithmeticSpec(turns=3), 5, seed=8)
+
+
+def test_fillers_per_step_inserts_that_many_sentences_after_each_verbose_step():
+    rng_a, rng_b = random.Random(3), random.Random(3)
+    one = make_problem(rng_a, ArithmeticSpec(digits=2, verbosity=1.0))
+    two = make_problem(rng_b, ArithmeticSpec(digits=2, verbosity=1.0, fillers_per_step=2))
+    steps = len(re.findall(r"[.:](?= |$)", one["reasoning"])) - len(one["fillers"])  # sentences that are not fillers
+    assert len(one["fillers"]) == steps and len(two["fillers"]) == 2 * steps
+    stripped = two["reasoning"]
+    for filler in two["fillers"]:
+        stripped = stripped.replace(" " + filler, "", 1) if not stripped.startswith(filler) else stripped
+    assert stripped.endswith(f"={two['answer']}.")
+    with pytest.raises(ValueError, match="data.fillers_per_step must be >= 1"):
+        ArithmeticSpec(fillers_per_step=0)

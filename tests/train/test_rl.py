@@ -62,6 +62,9 @@ def test_rl_driver_runs_steps_syncs_weights_and_checkpoints(compose, tmp_path, r
         ("algorithm=dapo", r"algorithm\.overlong_penalty\.cache_len=32"),  # budget of 12 tokens in FAST_RL
         ("rollout.async_steps=2", r"rollout\.async_steps=2 must be 0"),
         ("rollout.num_threads=0", r"rollout\.num_threads=0 must be >= 1"),
+        ("trainer.ppo_mini_batches=3", r"trainer\.ppo_mini_batches=3 must be an integer in \[1, rollout\.prompts_per_step=2\]"),
+        ("rollout.reward_workers=-1", r"rollout\.reward_workers=-1 must be an integer >= 0"),
+        ("cluster.placement=disaggregated", r"cluster\.placement=disaggregated needs 3 CPUs .* Ray has 2"),
     ],
 )
 def test_bad_rl_config_fails_before_any_work(compose, tmp_path, override, message):
@@ -260,3 +263,17 @@ def test_samplers_get_the_prompts_as_objects(compose, sampler):
     prompts = to_prompts(generate(ArithmeticSpec(verbosity=1.0), 12, seed=3))
     batch = make_sampler(cfg.sampler, prompts, 4, 0).next()
     assert len(batch) == 4 and all(type(p) is Prompt and type(p.meta["filler_sentences"]) is list for p in batch)
+
+
+def test_ppo_mini_batches_step_the_optimizer_per_share_against_the_sampling_policy(compose, tmp_path, ray_cleanup):
+    """trainer.ppo_mini_batches=2: two optimizer steps per RL step, each on one prompt's group. pi_old is recorded
+    before the first (the sampling policy), so the second mini-batch sees moved weights (mean ratio != 1); with one
+    mini-batch pi_old is the update's own detached log-probs (ratio exactly 1)."""
+    base = FAST_RL + VARIED_REWARD + ["trainer.max_steps=1", "trainer.save_every=0", "trainer.lr=1e-2"]
+    split = run(compose(base + ["trainer.ppo_mini_batches=2", f"run_dir={tmp_path}/mini"]))["history"][0]
+    whole = run(compose(base + [f"run_dir={tmp_path}/whole"]))["history"][0]
+    assert split["train/optimizer_steps"] == 2 and whole["train/optimizer_steps"] == 1
+    assert "perf/time_old_logprobs" in split and "perf/time_old_logprobs" not in whole
+    assert whole["train/ratio_mean"] == pytest.approx(1.0, abs=1e-7)
+    assert abs(split["train/ratio_mean"] - 1.0) > 1e-4
+    assert split["reward/total"] == pytest.approx(whole["reward/total"])  # same rollouts, only the update differs
