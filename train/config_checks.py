@@ -44,6 +44,11 @@ def check_common(cfg: DictConfig) -> None:
         _require(t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1 (or null to use trainer.epochs)")
     elif t.epochs is not None:
         _require(t.epochs > 0, f"trainer.epochs={t.epochs} must be > 0")
+    horizon = t.get("schedule_steps")
+    if horizon is not None:
+        _require(t.max_steps is not None and horizon >= t.max_steps,
+                 f"trainer.schedule_steps={horizon} must be >= trainer.max_steps={t.max_steps} (the run stops on the "
+                 "schedule of a longer one); null = the schedule spans max_steps")
     _require(t.eval_every >= 0 and t.save_every >= 0, "trainer.eval_every and trainer.save_every must be >= 0")
     _require(cfg.logger.mode in ("offline", "online", "disabled"), f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")
     _require(cfg.model.attn_backend in BACKENDS, f"model.attn_backend={cfg.model.attn_backend!r} must be one of {list(BACKENDS)}")

@@ -70,6 +70,7 @@ class Phase:
     warmup_steps: int
     min_lr_ratio: float
     decay: str = "cosine"
+    schedule_steps: int | None = None  # steps the lr schedule spans (None: the phase's steps)
     freeze: tuple[str, ...] = ()  # parameter-name regexes frozen in this phase ...
     unfreeze: tuple[str, ...] = ()  # ... except those matching these
     mix: dict[str, int] = field(default_factory=dict)  # documents drawn per dataset
@@ -80,7 +81,8 @@ class Phase:
 
     def lr_at(self, step: int) -> float:
         """The lr of global step ``step`` (0-based, inside this phase)."""
-        return self.lr * lr_factor(step - self.start, self.steps, self.warmup_steps, self.min_lr_ratio, self.decay)
+        return self.lr * lr_factor(step - self.start, self.schedule_steps or self.steps, self.warmup_steps,
+                                   self.min_lr_ratio, self.decay)
 
 
 def phase_at(phases: list[Phase], step: int) -> Phase:
@@ -241,7 +243,8 @@ def plan(cfg: DictConfig, tokenizer) -> tuple[list[Phase], dict]:
         documents, dropped = tokenize_rows(rows, tokenizer, d.max_seq_len, d.system_prompt, multi_turn)
         stream = stream_of(documents, cfg.seed)
         steps = int(t.max_steps) if t.max_steps is not None else max(1, math.ceil(t.epochs * stream.batches_per_epoch() / t.grad_accum))
-        phase = Phase(0, "sft", stream, 0, steps, float(t.lr), int(t.warmup_steps), float(t.min_lr_ratio))
+        phase = Phase(0, "sft", stream, 0, steps, float(t.lr), int(t.warmup_steps), float(t.min_lr_ratio),
+                      schedule_steps=t.get("schedule_steps"))
         return [phase], {"data/train_rows": len(rows), "data/dropped_for_length": dropped, "data/documents": len(documents)}
 
     used = sorted({name for p in cur.phases for name, w in p.mix.items() if w > 0})
