@@ -52,3 +52,19 @@ def test_multi_turn_chats_train_in_a_single_pass(compose, tmp_path):
     summary = run(compose(FAST + [f"run_dir={tmp_path}/mt", "data.synthetic.train.turns=3", "data.multi_turn=single_pass",
                                   "trainer.save_every=0"]))
     assert summary["losses"][-1] < 0.75 * summary["losses"][0]
+
+
+def test_schedule_steps_stops_early_on_the_schedule_of_a_longer_run(compose, tmp_path):
+    """trainer.schedule_steps=8 with max_steps=4: the first 4 steps of the 8-step run, lr and losses alike."""
+    import pytest
+
+    from train.config_checks import ConfigError
+
+    full = run(compose(FAST + [f"run_dir={tmp_path}/full", "trainer.save_every=0"]))
+    short = run(compose(FAST + [f"run_dir={tmp_path}/short", "trainer.save_every=0", "trainer.max_steps=4",
+                                "trainer.schedule_steps=8"]))
+    assert short["losses"] == full["losses"][:4]
+    lrs = lambda d: [r["train/lr"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if "train/lr" in r]
+    assert lrs("short") == lrs("full")[:4] and lrs("short")[-1] > lrs("full")[-1]
+    with pytest.raises(ConfigError, match=r"trainer\.schedule_steps=3 must be >= trainer\.max_steps=4"):
+        run(compose(FAST + [f"run_dir={tmp_path}/bad", "trainer.max_steps=4", "trainer.schedule_steps=3"]))
