@@ -1,6 +1,6 @@
 """RL recipe (GRPO family, AAPO): the driver loop, as data flow between Ray actors.
 
-    prompts -> rollouts (RolloutPool) -> rewards -> (reference log-probs) -> advantages
+    prompts -> rollouts (RolloutPool) -> rewards (RewardPool) -> (reference log-probs) -> advantages
             -> policy update (TrainerGroup, DeepSpeed ZeRO) -> weight sync -> rollouts ...
 
 With ``rollout.async_steps=1`` the rollouts of step k+1 are generated (by the weights before update k) while
@@ -9,7 +9,8 @@ policy version old (``rollout/staleness``); pi_old in the clipped ratio is the p
 verl recomputes old log-probs on the actor.
 
 The math lives in algorithms/ and rewards/ (instantiated from cfg.algorithm / cfg.reward); distribution lives
-in the actors (train/actors.py). This file only orchestrates.
+in the actors (train/actors.py, train/reward_workers.py; where they run: train/placement.py); how a step's
+rollouts become optimizer steps: train/update_batches.py. This file only orchestrates.
 """
 
 from __future__ import annotations
@@ -28,20 +29,18 @@ from transformers import AutoConfig
 from tqdm import tqdm
 
 from data_pipelines.loading import load_split
-from data_pipelines.multiturn import document_from_prompts
-from data_pipelines.packing import Document, pack_balanced
 from data_pipelines.prompts import to_prompts
-from data_pipelines.shared_prompt import shared_prompt_batches
 from train import checkpoint
 from rewards.registry import build_reward
 from train.config_checks import ConfigError, check_rl
 from train.evaluate import evaluate
 from train.forward import per_document
 from train.model_zoo import ATTENTION_FREE, load_model, load_tokenizer, resolve_model_path
-from train.placement import plan
 from train.multiturn_rollout import chat_prompts, generate_chats, merge_turns, score_chats
+from train.placement import plan
 from train.run_logger import RunLogger
 from train.runtime import seed_everything
+from train.update_batches import mini_batch_shares, pack_update
 
 log = logging.getLogger(__name__)
 MOMENTUM_FILE = "momentum_model.pt"  # AAPO's EMA momentum weights inside a checkpoint (when alpha < 1)
@@ -71,59 +70,6 @@ def cpu_threads(cores: int, world_size: int, num_workers: int, overlap: bool, pl
         return max(1, cores // world_size), max(1, cores // num_workers)
     rollout_cores = max(1, cores // 2)
     return max(1, (cores - rollout_cores) // world_size), max(1, rollout_cores // num_workers)
-
-
-def rollouts_to_documents(rollouts, mask_truncated: bool = False) -> list[Document]:
-    """prompt + response as one document; the loss covers the response tokens only (none at all for a
-    truncated response when ``mask_truncated``: DAPO's overlong filtering). A multi-turn rollout becomes one
-    single-pass multi-turn document (data_pipelines/multiturn.py) holding all its turns."""
-    documents = []
-    for i, r in enumerate(rollouts):
-        if "turn_prompts" in r.meta:
-            loss = [[not (mask_truncated and cut)] * len(resp) for resp, cut in zip(r.meta["turn_responses"], r.meta["turn_truncated"])]
-            documents.append(document_from_prompts(r.meta["turn_prompts"], r.meta["turn_responses"], loss, sample_id=str(i)))
-        else:
-            documents.append(Document(r.prompt_ids + r.response_ids,
-                                      [False] * len(r.prompt_ids) + [not (mask_truncated and r.truncated)] * len(r.response_ids),
-                                      sample_id=str(i)))
-    return documents
-
-
-def mini_batch_shares(num_rollouts: int, group_size: int, mini_batches: int) -> list[list[int]]:
-    """Rollout indices of each PPO mini-batch: contiguous shares of whole groups, as equal as they divide."""
-    groups = num_rollouts // group_size
-    return [list(range(groups * k // mini_batches * group_size, groups * (k + 1) // mini_batches * group_size))
-            for k in range(mini_batches)]
-
-
-class UpdateBatch(NamedTuple):
-    """One optimizer step's micro-batches; ``members[j]``: indices (into the step's rollouts) of micro-batch j's
-    responses in its order; token counts for the aggregation normaliser and throughput."""
-
-    micro: list
-    members: list[list[int]]
-    response_tokens: int
-    tokens: int
-    samples: int
-
-
-def pack_update(rollouts, indices: list[int], num_batches: int, *, share_prompt: bool, group_size: int, row_tokens: int,
-                attn_backend: str, pad_token_id: int, mask_truncated: bool) -> UpdateBatch:
-    """``num_batches`` micro-batches of ``rollouts[indices]``: each prompt computed once for its group
-    (``share_prompt``, data_pipelines/shared_prompt.py) when there are enough groups, else packed documents."""
-    chosen = [rollouts[i] for i in indices]
-    if share_prompt and len(chosen) // group_size >= num_batches:
-        micro, members = shared_prompt_batches(chosen, num_batches, pad_token_id, mask_truncated)
-        response_tokens = int(sum(int(b.loss_mask.sum()) for b in micro))
-        tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in chosen)
-    else:
-        documents = rollouts_to_documents(chosen, mask_truncated)
-        if attn_backend == "sdpa":  # a dense [row, row] mask per row: rows no longer than the longest document
-            row_tokens = min(row_tokens, max(len(d) for d in documents))  # (flex and flash skip masked blocks)
-        micro, members = pack_balanced(documents, num_batches, row_tokens, pad_token_id)
-        response_tokens = sum(sum(d.loss_mask) for d in documents)
-        tokens = sum(len(d) for d in documents)
-    return UpdateBatch(micro, [[indices[j] for j in m] for m in members], response_tokens, tokens, len(chosen))
 
 
 class Sampled(NamedTuple):

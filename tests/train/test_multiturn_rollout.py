@@ -10,7 +10,7 @@ from data_pipelines.multiturn import token_turns
 from tests.conftest import TEST_ARCH
 from train.model_zoo import load_tokenizer, resolve_model_path
 from train.multiturn_rollout import chat_prompts, generate_chats, merge_turns, score_chats
-from train.rl import rollouts_to_documents
+from train.update_batches import rollouts_to_documents
 from train.rollout_worker import Rollout, RolloutWorker
 
 

@@ -11,7 +11,7 @@ from data_pipelines.packing import pack_balanced
 from data_pipelines.shared_prompt import shared_prompt_batches, split_groups
 from tests.conftest import TEST_ARCH
 from train.forward import per_document, token_logprobs
-from train.rl import rollouts_to_documents
+from train.update_batches import rollouts_to_documents
 from train.rollout_worker import Rollout
 
 
