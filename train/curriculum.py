@@ -70,10 +70,10 @@ class Phase:
     warmup_steps: int
     min_lr_ratio: float
     decay: str = "cosine"
-    schedule_steps: int | None = None  # steps the lr schedule spans (None: the phase's steps)
     freeze: tuple[str, ...] = ()  # parameter-name regexes frozen in this phase ...
     unfreeze: tuple[str, ...] = ()  # ... except those matching these
     mix: dict[str, int] = field(default_factory=dict)  # documents drawn per dataset
+    schedule_steps: int | None = None  # steps the lr schedule spans (None: the phase's steps)
 
     @property
     def end(self) -> int:
