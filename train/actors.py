@@ -172,7 +172,8 @@ class PendingGeneration:
         n = len(pool.workers)
         bounds = [(len(prompts) * i // n, len(prompts) * (i + 1) // n) for i in range(n)]
         self.todo = {i: b for i, b in enumerate(bounds) if b[1] > b[0]}
-        self.refs = self._launch()
+        self.bounds = dict(self.todo)
+        self.refs = self.first_refs = self._launch()
         self.rollouts: list | None = None
 
     def _launch(self) -> dict:
@@ -181,6 +182,11 @@ class PendingGeneration:
                                                  prompt_offset=lo, **self.sampling): i
             for i, (lo, hi) in self.todo.items()
         }
+
+    def shard_refs(self) -> list:
+        """The object refs of the shares as first launched, in prompt order (for work that starts as soon as they
+        are ready, e.g. reward scoring: train/reward_workers.py)."""
+        return [ref for ref, i in sorted(self.first_refs.items(), key=lambda item: self.bounds[item[1]][0])]
 
     def result(self) -> list:
         """Wait for every share; a share whose worker died runs again on a replacement worker."""

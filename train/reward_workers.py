@@ -9,12 +9,25 @@ gets the reward state as it was before the failed call, and only that share is s
 scored exactly once (results are placed by position). Stateful rewards (Bingo's dynamic length schedule, which
 follows the accuracy of the whole batch) need one worker; their state is returned with every result, so the
 driver can checkpoint it (``state_dict``) and restore it on resume (``load_state_dict``).
+
+``submit_rollouts`` scores a generation that is still running: each worker is handed the generation's Ray object
+refs and starts as soon as the rollouts exist, while the driver does other work (with ``rollout.async_steps=1``,
+the policy update). Such a call is not retried: if a rollout or reward worker died, ``result`` raises and the
+caller scores the (regenerated) rollouts with a plain call, which replaces a dead reward worker.
 """
 
 from __future__ import annotations
 
 import ray
 import torch
+
+
+def reward_inputs(prompts, rollouts) -> tuple[list, list, list, list]:
+    """The reward call's (prompts, responses, response_ids, metadata) for ``rollouts`` of ``prompts`` (Prompt
+    objects, indexed by each rollout's ``prompt_index``); metadata = the prompt's meta + answer + truncated."""
+    owners = [prompts[r.prompt_index] for r in rollouts]
+    return ([p.text for p in owners], [r.response_text for r in rollouts], [r.response_ids for r in rollouts],
+            [{**p.meta, "answer": p.answer, "truncated": r.truncated} for p, r in zip(owners, rollouts)])
 
 
 class RewardWorker:
@@ -42,6 +55,12 @@ class RewardWorker:
         total, components, diagnostics = self.reward_fn(prompts, responses, response_ids, metadata, step=step,
                                                         group_size=group_size)
         return total, components, diagnostics, self.reward_fn.state_dict()
+
+    def score_rollouts(self, prompts, lo: int, hi: int, step: int, group_size: int, *shards):
+        """Score samples [lo, hi) of the rollouts in ``shards`` (lists of Rollout, in prompt order: Ray hands
+        them over once the generation has made them)."""
+        rollouts = [r for shard in shards for r in shard][lo:hi]
+        return self.score(*reward_inputs(prompts, rollouts), step, group_size)
 
     def load_state_dict(self, state: dict) -> None:
         self.reward_fn.load_state_dict(state)
@@ -87,7 +106,21 @@ class RewardPool:
 
     def submit(self, prompts, responses, response_ids, metadata, *, step: int = 0, group_size: int = 1) -> "PendingScore":
         """Start scoring a batch (rollouts grouped by prompt, groups of ``group_size``); collect with ``.result()``."""
-        return PendingScore(self, (prompts, responses, response_ids, metadata), step, group_size)
+        columns = (prompts, responses, response_ids, metadata)
+
+        def call(worker, lo, hi):
+            return worker.score.remote(*[None if c is None else c[lo:hi] for c in columns], step, group_size)
+
+        return PendingScore(self, len(responses), group_size, call, retry=True)
+
+    def submit_rollouts(self, prompts, shard_refs: list, *, step: int, group_size: int) -> "PendingScore":
+        """Score the ``group_size`` rollouts per prompt of ``prompts`` that a generation is still producing
+        (``shard_refs``: its object refs in prompt order); see the module docstring."""
+
+        def call(worker, lo, hi):
+            return worker.score_rollouts.remote(prompts, lo, hi, step, group_size, *shard_refs)
+
+        return PendingScore(self, len(prompts) * group_size, group_size, call, retry=False)
 
     def __call__(self, prompts, responses, response_ids, metadata, *, step: int = 0, group_size: int = 1):
         return self.submit(prompts, responses, response_ids, metadata, step=step, group_size=group_size).result()
@@ -109,11 +142,11 @@ class RewardPool:
 
 
 class PendingScore:
-    """A batch being scored: worker i got the groups in ``todo[i]`` = (first sample, end sample)."""
+    """A batch being scored: worker i got the groups in ``todo[i]`` = (first sample, end sample); ``call(worker,
+    lo, hi)`` starts a share. ``retry``: a share whose worker died is scored again on a replacement."""
 
-    def __init__(self, pool: RewardPool, columns: tuple, step: int, group_size: int):
-        self.pool, self.columns, self.step, self.group_size = pool, columns, step, group_size
-        batch = len(columns[1])
+    def __init__(self, pool: RewardPool, batch: int, group_size: int, call, retry: bool):
+        self.pool, self.call, self.retry = pool, call, retry
         if batch % group_size:
             raise ValueError(f"reward: batch {batch} is not a whole number of groups of {group_size}")
         groups, n = batch // group_size, len(pool.workers)
@@ -122,11 +155,7 @@ class PendingScore:
         self.refs = self._launch()
 
     def _launch(self) -> dict:
-        refs = {}
-        for i, (lo, hi) in self.todo.items():
-            share = [None if column is None else column[lo:hi] for column in self.columns]
-            refs[self.pool.workers[i].score.remote(*share, self.step, self.group_size)] = i
-        return refs
+        return {self.call(self.pool.workers[i], lo, hi): i for i, (lo, hi) in self.todo.items()}
 
     def result(self):
         done: dict[int, tuple] = {}
@@ -137,6 +166,8 @@ class PendingScore:
                     done[self.todo[i][0]] = ray.get(ref)
                     del self.todo[i]
                 except ray.exceptions.RayActorError:
+                    if not self.retry:
+                        raise
                     failures += 1
                     if failures > self.pool.max_restarts_per_call:
                         raise RuntimeError(f"reward workers died {failures} times scoring one batch; giving up") from None

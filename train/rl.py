@@ -101,20 +101,22 @@ class Submitted(NamedTuple):
 
 
 class Done:
-    """A handle whose result is already here (multi-turn rounds, rollouts restored from a checkpoint)."""
+    """A handle whose result is already here (multi-turn rounds, rollouts restored from a checkpoint, or kept
+    for one; ``scoring`` as in Single)."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, value, scoring=None):
+        self.value, self.scoring = value, scoring
 
     def result(self):
         return self.value
 
 
 class Single:
-    """A pool generation's handle in the (rollouts, None) shape of multi-turn sampling."""
+    """A pool generation's handle in the (rollouts, None) shape of multi-turn sampling; ``scoring``: the reward
+    workers' scoring of it, started with it (None when rewards are computed in the driver)."""
 
-    def __init__(self, pending):
-        self.pending = pending
+    def __init__(self, pending, scoring=None):
+        self.pending, self.scoring = pending, scoring
 
     def result(self):
         return self.pending.result(), None
@@ -170,7 +172,7 @@ def run(cfg: DictConfig) -> dict:
 
     from train.actors import RolloutPool, TrainerFailure, TrainerGroup
     from train.reference_worker import ReferenceWorker
-    from train.reward_workers import RewardPool
+    from train.reward_workers import RewardPool, reward_inputs
 
     run_dir = Path(cfg.run_dir)
     if cfg.cluster.get("num_threads"):  # the driver's own torch work: held-out evaluation, checkpoint conversion
@@ -284,7 +286,10 @@ def run(cfg: DictConfig) -> dict:
         if prefetched is not None:  # the sampler has drawn its prompts: keep the rollouts so a resume trains on them
             policy = prefetched.policy.result()
             momentum = None if prefetched.momentum is None else prefetched.momentum.result()
-            prefetched = prefetched._replace(policy=Done(policy), momentum=None if momentum is None else Done(momentum))
+            # the reward workers may have scored them already (from the state before this step): keep that result
+            prefetched = prefetched._replace(
+                policy=Done(policy, prefetched.policy.scoring),
+                momentum=None if momentum is None else Done(momentum, prefetched.momentum.scoring))
             torch.save({"batch": prefetched.batch, "attempt": prefetched.attempt, "at_step": prefetched.at_step,
                         "policy": policy, "momentum": momentum}, tmp / PENDING_FILE)
 
@@ -309,13 +314,20 @@ def run(cfg: DictConfig) -> dict:
     initial_eval = run_eval(trainer.full_state_dict()) if t_cfg.eval_at_start and step == 0 else {}
     progress = tqdm(total=t_cfg.max_steps, initial=step, desc=f"rl:{a_cfg.name}", dynamic_ncols=True)
 
-    def score(batch, rollouts):
-        owners = [batch[r.prompt_index] for r in rollouts]
-        rewards, components, _ = reward_fn(
-            [p.text for p in owners], [r.response_text for r in rollouts], [r.response_ids for r in rollouts],
-            [{**p.meta, "answer": p.answer, "truncated": r.truncated} for p, r in zip(owners, rollouts)],
-            step=step, group_size=group_size,
-        )
+    def score(batch, rollouts, scoring=None):
+        """Rewards [B] and components of a round (+ DAPO's overlong shaping). ``scoring``: the reward workers'
+        scoring started with the generation; if it failed (a rollout worker died and its share was generated
+        again, or a reward worker died), the rollouts are scored now."""
+        result = None
+        if scoring is not None:
+            try:
+                result = scoring.result()
+            except ray.exceptions.RayError as err:
+                log.warning("reward scoring started with the generation failed (%s); scoring the rollouts again",
+                            type(err).__name__)
+        if result is None:
+            result = reward_fn(*reward_inputs(batch, rollouts), step=step, group_size=group_size)
+        rewards, components, _ = result
         if overlong is not None:
             penalty = overlong(torch.tensor([len(r.response_ids) for r in rollouts]))
             rewards, components = rewards + penalty, {**components, "overlong_penalty": penalty}
@@ -329,8 +341,11 @@ def run(cfg: DictConfig) -> dict:
         seed = cfg.seed * 100_003 + at_step * 101 + attempt
 
         def start(workers, seed):
-            if not multi_turn:
-                return Single(workers.submit([p.text for p in batch], group_size, seed=seed, **sampling))
+            if not multi_turn:  # reward workers score the rollouts as soon as they exist (during the update, async)
+                pending = workers.submit([p.text for p in batch], group_size, seed=seed, **sampling)
+                scoring = None if reward_workers == 0 else reward_fn.submit_rollouts(
+                    batch, pending.shard_refs(), step=at_step, group_size=group_size)
+                return Single(pending, scoring)
             turns = generate_chats(workers, tokenizer, batch, group_size, seed, **sampling)
             return Done((merge_turns(turns), turns))
 
@@ -345,18 +360,20 @@ def run(cfg: DictConfig) -> dict:
         rewards [B] and reward components (+ DAPO shaping), and for AAPO the momentum responses' rewards [B]."""
         batch = sub.batch
 
-        def scored(rollouts, turns):
-            return score(batch, rollouts) if turns is None else score_chats(score, batch, turns)
+        def scored(handle, rollouts, turns):
+            if turns is not None:
+                return score_chats(score, batch, turns)
+            return score(batch, rollouts, handle.scoring)
 
         t = time.perf_counter()
         rollouts, turns = sub.policy.result()
         momentum = sub.momentum.result() if sub.momentum is not None else None
         timing["generation"] = timing.get("generation", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()
-        rewards, components = scored(rollouts, turns)
+        t = time.perf_counter()  # reward: the scoring time not overlapped with generation or the update
+        rewards, components = scored(sub.policy, rollouts, turns)
         if hasattr(sampler, "update"):  # difficulty-aware samplers track each prompt's pass rate
             sampler.update([batch[r.prompt_index].prompt_id for r in rollouts], components["correctness"].tolist())
-        momentum_rewards = None if momentum is None else scored(*momentum)[0]
+        momentum_rewards = None if momentum is None else scored(sub.momentum, *momentum)[0]
         timing["reward"] = timing.get("reward", 0.0) + time.perf_counter() - t
         return Sampled(rollouts, rewards, components, momentum_rewards, [batch[r.prompt_index] for r in rollouts])
 

@@ -102,3 +102,35 @@ def test_stateful_reward_on_several_workers_and_bad_settings_fail_at_start(ray_s
     with pytest.raises(Exception, match=r"reward\.correctness\.time_limit_s must be > 0") as raised:
         RewardPool(1, bad)
     assert not isinstance(raised.value, ray.exceptions.RayError)  # the reward's own error, not Ray's wrapper
+
+
+def _rollouts(responses, group_size):
+    from train.rollout_worker import Rollout
+
+    return [Rollout(i // group_size, [1, 2], [3] * (i + 1), text, False, 0) for i, text in enumerate(responses)]
+
+
+def test_scoring_started_on_a_running_generation_equals_a_plain_call(ray_session):
+    """submit_rollouts gets the generation's object refs; the workers score once the rollouts exist."""
+    from data_pipelines.prompts import Prompt
+    from train.reward_workers import RewardPool, reward_inputs
+
+    # group k (samples 2k, 2k+1) asks for 10 + k; the first sample answers it, the second answers 99 without tags
+    responses = [f"<think>x</think>\\boxed{{{10 + i // 2}}}" if i % 2 == 0 else "\\boxed{99}" for i in range(8)]
+    rollouts = _rollouts(responses, 2)
+    prompts = [Prompt(f"p{k}", f"q{k}", str(10 + k), {}) for k in range(4)]
+    shards = [ray.put(rollouts[:4]), ray.put(rollouts[4:])]  # two rollout workers' shares, in prompt order
+    pool = RewardPool(2, STATELESS)
+    chained = pool.submit_rollouts(prompts, shards, step=0, group_size=2).result()
+    plain = pool(*reward_inputs(prompts, rollouts), step=0, group_size=2)
+    assert torch.equal(chained[0], plain[0]) and chained[0].tolist() != [chained[0][0].item()] * 8
+
+    @ray.remote
+    def failed_generation():
+        raise RuntimeError("rollout worker lost")
+
+    with pytest.raises(ray.exceptions.RayError):  # not retried: the driver scores the regenerated rollouts itself
+        pool.submit_rollouts(prompts, [shards[0], failed_generation.remote()], step=0, group_size=2).result()
+    assert pool.restarts == 0
+    pool.close()
+    pool.shutdown()
