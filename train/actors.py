@@ -9,6 +9,7 @@ import uuid
 import ray
 
 from train.policy_trainer import PolicyTrainer
+from train.worker_shares import Shares
 
 
 def free_port() -> int:
@@ -168,42 +169,20 @@ class PendingGeneration:
     """A generation running on the pool's workers: each worker got a contiguous share of the prompts."""
 
     def __init__(self, pool: RolloutPool, prompts: list, group_size: int, seed: int, sampling: dict):
-        self.pool, self.prompts, self.group_size, self.seed, self.sampling = pool, prompts, group_size, seed, sampling
-        n = len(pool.workers)
-        bounds = [(len(prompts) * i // n, len(prompts) * (i + 1) // n) for i in range(n)]
-        self.todo = {i: b for i, b in enumerate(bounds) if b[1] > b[0]}
-        self.bounds = dict(self.todo)
-        self.refs = self.first_refs = self._launch()
-        self.rollouts: list | None = None
+        def call(worker, lo, hi):
+            return worker.generate.remote(prompts[lo:hi], group_size, seed=seed + lo, prompt_offset=lo, **sampling)
 
-    def _launch(self) -> dict:
-        return {
-            self.pool.workers[i].generate.remote(self.prompts[lo:hi], self.group_size, seed=self.seed + lo,
-                                                 prompt_offset=lo, **self.sampling): i
-            for i, (lo, hi) in self.todo.items()
-        }
+        self.shares = Shares(pool.workers, len(prompts), 1, call, pool._replace, pool.max_restarts_per_step,
+                             "rollout workers")
+        self.rollouts: list | None = None
 
     def shard_refs(self) -> list:
         """The object refs of the shares as first launched, in prompt order (for work that starts as soon as they
         are ready, e.g. reward scoring: train/reward_workers.py)."""
-        return [ref for ref, i in sorted(self.first_refs.items(), key=lambda item: self.bounds[item[1]][0])]
+        return self.shares.first_refs_in_order()
 
     def result(self) -> list:
         """Wait for every share; a share whose worker died runs again on a replacement worker."""
-        if self.rollouts is not None:
-            return self.rollouts
-        done: dict[int, list] = {}
-        failures = 0
-        while self.todo:
-            for ref, i in self.refs.items():
-                try:
-                    done[self.todo[i][0]] = ray.get(ref)
-                    del self.todo[i]
-                except ray.exceptions.RayActorError:
-                    failures += 1
-                    if failures > self.pool.max_restarts_per_step:
-                        raise RuntimeError(f"rollout workers died {failures} times in one step; giving up") from None
-                    self.pool._replace(i)  # its prompts stay in `todo` and run again on the replacement
-            self.refs = self._launch()
-        self.rollouts = [r for lo in sorted(done) for r in done[lo]]
+        if self.rollouts is None:
+            self.rollouts = [r for share in self.shares.results() for r in share]
         return self.rollouts

@@ -21,6 +21,8 @@ from __future__ import annotations
 import ray
 import torch
 
+from train.worker_shares import Shares
+
 
 def reward_inputs(prompts, rollouts) -> tuple[list, list, list, list]:
     """The reward call's (prompts, responses, response_ids, metadata) for ``rollouts`` of ``prompts`` (Prompt
@@ -142,38 +144,16 @@ class RewardPool:
 
 
 class PendingScore:
-    """A batch being scored: worker i got the groups in ``todo[i]`` = (first sample, end sample); ``call(worker,
-    lo, hi)`` starts a share. ``retry``: a share whose worker died is scored again on a replacement."""
+    """A batch being scored, each worker on a share of whole groups; ``call(worker, lo, hi)`` starts a share.
+    ``retry``: a share whose worker died is scored again on a replacement."""
 
     def __init__(self, pool: RewardPool, batch: int, group_size: int, call, retry: bool):
-        self.pool, self.call, self.retry = pool, call, retry
-        if batch % group_size:
-            raise ValueError(f"reward: batch {batch} is not a whole number of groups of {group_size}")
-        groups, n = batch // group_size, len(pool.workers)
-        bounds = [(groups * i // n * group_size, groups * (i + 1) // n * group_size) for i in range(n)]
-        self.todo = {i: b for i, b in enumerate(bounds) if b[1] > b[0]}
-        self.refs = self._launch()
-
-    def _launch(self) -> dict:
-        return {self.call(self.pool.workers[i], lo, hi): i for i, (lo, hi) in self.todo.items()}
+        self.pool, self.retry = pool, retry
+        self.shares = Shares(pool.workers, batch, group_size, call, pool._replace, pool.max_restarts_per_call,
+                             "reward workers")
 
     def result(self):
-        done: dict[int, tuple] = {}
-        failures = 0
-        while self.todo:
-            for ref, i in self.refs.items():
-                try:
-                    done[self.todo[i][0]] = ray.get(ref)
-                    del self.todo[i]
-                except ray.exceptions.RayActorError:
-                    if not self.retry:
-                        raise
-                    failures += 1
-                    if failures > self.pool.max_restarts_per_call:
-                        raise RuntimeError(f"reward workers died {failures} times scoring one batch; giving up") from None
-                    self.pool._replace(i)  # its share stays in `todo` and is scored again by the replacement
-            self.refs = self._launch()
-        parts = [done[lo] for lo in sorted(done)]
+        parts = self.shares.results(retry=self.retry)
         total = torch.cat([p[0] for p in parts])
         components = {name: torch.cat([p[1][name] for p in parts]) for name in parts[0][1]}
         diagnostics = {}
