@@ -10,6 +10,19 @@ import pytest
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# REASONPOST_TEST_THREADS=N runs the suite at N torch intra-op threads: in this process and, through
+# OMP_NUM_THREADS, in the processes it starts (Ray workers, `python -m train` subprocesses) unless they set their
+# own. The suite's tolerances must not depend on it (reduction order changes with the thread count); run it at 1
+# and 2, and in random order with `--random-order` (pytest-random-order, installed with .[test]; off unless asked).
+TEST_THREADS = os.environ.get("REASONPOST_TEST_THREADS")
+if TEST_THREADS:
+    if not TEST_THREADS.isdigit() or int(TEST_THREADS) < 1:
+        raise pytest.UsageError(f"REASONPOST_TEST_THREADS={TEST_THREADS!r} must be a positive integer (or unset)")
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = TEST_THREADS
+    import torch
+
+    torch.set_num_threads(int(TEST_THREADS))
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = str(REPO / "configs")
 
@@ -61,6 +74,19 @@ def compose(tmp_path, model_cache):
         return cfg
 
     return _compose
+
+
+@pytest.fixture(autouse=True)
+def _process_wide_torch_state():
+    """Each test starts with the same process-wide torch settings, whatever ran before it: the recipes set the
+    thread count (cluster.num_threads) and flush denormals (train/runtime.py) in the calling process, and a later
+    test must not inherit either, or its results would depend on test order."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
 
 
 @pytest.fixture

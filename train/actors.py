@@ -76,15 +76,20 @@ class TrainerGroup:
         n = len(items) // self.world_size
         return [items[i * n : (i + 1) * n] for i in range(self.world_size)]
 
-    def train_step(self, batches: list, loss_fn, normaliser: float, extras: list[dict]) -> list[dict]:
+    def train_step(self, batches: list, loss_fn, normaliser: float, extras: list[dict],
+                   keep_gradients: bool = False) -> list[dict]:
         return self._get([
-            rank.train_step.remote(b, loss_fn, normaliser, e)
+            rank.train_step.remote(b, loss_fn, normaliser, e, keep_gradients)
             for rank, b, e in zip(self.ranks, self.shard(batches), self.shard(extras))
         ], "the policy update")
 
     def logprobs(self, batches: list) -> list:
         shards = self._get([rank.logprobs.remote(b) for rank, b in zip(self.ranks, self.shard(batches))], "log-probs")
         return [lp for shard in shards for lp in shard]
+
+    def gradients(self) -> dict:
+        """The full gradient of the last ``train_step(..., keep_gradients=True)``, as reduced over the ranks."""
+        return self._get([rank.gradients.remote() for rank in self.ranks], "gradients")[0]
 
     def full_state_dict(self) -> dict:
         return self._get([rank.full_state_dict.remote() for rank in self.ranks], "weight gathering")[0]

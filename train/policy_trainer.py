@@ -94,6 +94,7 @@ class PolicyTrainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.config
         )
+        self.last_gradients: dict[str, torch.Tensor] | None = None
         self.version = 0  # bumped at every optimizer step; rollouts record the version that generated them
 
     # -- forward ---------------------------------------------------------------------------------------------
@@ -105,12 +106,14 @@ class PolicyTrainer:
         self.engine.train()
         return out
 
-    def train_step(self, batches: list[PackedBatch], loss_fn: Callable, normaliser: float, extras: list[dict]) -> dict:
+    def train_step(self, batches: list[PackedBatch], loss_fn: Callable, normaliser: float, extras: list[dict],
+                   keep_gradients: bool = False) -> dict:
         """One optimizer step over this rank's micro-batches.
 
         ``loss_fn(logprobs, entropy, batch, extra) -> (loss_sum, stats)`` returns the *sum* of per-token losses
         of the micro-batch (shape []); it is divided by ``normaliser`` (the same on every rank) and rescaled to
         undo DeepSpeed's averaging, so the update equals one step on the whole global batch.
+        ``keep_gradients`` keeps the full reduced gradient of the step (before clipping) for ``gradients()``.
         """
         if len(batches) != self.engine.gradient_accumulation_steps():
             raise ValueError(f"rank {self.rank} got {len(batches)} micro-batches, expected {self.engine.gradient_accumulation_steps()}")
@@ -126,6 +129,8 @@ class PolicyTrainer:
                 # stage 0 keeps whole, already all-reduced gradients; DeepSpeed reports no norm there
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
                 grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if index == len(batches) - 1 and keep_gradients:
+                self.last_gradients = self._full_gradients()
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             totals["loss_sum"] = totals.get("loss_sum", 0.0) + float(loss_sum.detach())
             for key, value in stats.items():
@@ -136,6 +141,18 @@ class PolicyTrainer:
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         totals["lr"] = self.optimizer.param_groups[0]["lr"]
         return totals
+
+    def _full_gradients(self) -> dict[str, torch.Tensor] | None:
+        """The reduced gradient of every parameter on rank 0 (between the last backward and the optimizer step;
+        ZeRO shards are gathered, so every rank must call this), None elsewhere."""
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {name: safe_get_full_grad(p) for name, p in self.engine.module.named_parameters() if p.requires_grad}
+        return {n: g.detach().float().cpu().clone() for n, g in grads.items()} if self.rank == 0 else None
+
+    def gradients(self) -> dict[str, torch.Tensor] | None:
+        """The gradients kept by the last ``train_step(..., keep_gradients=True)`` (rank 0; None elsewhere)."""
+        return self.last_gradients
 
     # -- weights -----------------------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -182,7 +182,8 @@ def test_a_node_that_never_joins_fails_the_job_before_training_and_stops_the_oth
 def test_a_ray_start_that_exits_fails_fast(fake):
     start = time.time()
     code, out = fake.run("experiment=quickstart_rl", FAKE_RAY_FAILS="node03", RAY_JOIN_TIMEOUT="60")
-    assert code == 1 and "exited early" in out and time.time() - start < 20
+    # fast = well before the 60 s join timeout it would otherwise wait out (the margin absorbs a loaded machine)
+    assert code == 1 and "exited early" in out and time.time() - start < 45
     assert not any(l.startswith("train:") for l in fake.lines())
 
 

@@ -68,8 +68,12 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_packed_layout(model, mas
         if mask_truncated and rollouts[i].truncated:
             assert len(lp_g) == 0
     assert grads_got.keys() == grads_expected.keys()
-    for name in grads_expected:
-        torch.testing.assert_close(grads_got[name], grads_expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    # the same fp32 sums in another order: the error is a few ulps of each tensor's largest entries (measured
+    # 5e-7 of it), so the bound is relative to the tensor's largest magnitude; an elementwise bound used half its
+    # margin on near-zero entries and depends on the CPU's vector width
+    for name, want in grads_expected.items():
+        error = (grads_got[name] - want).abs().max().item()
+        assert error <= 1e-5 * want.abs().max().item(), f"{name}: {error:.2e} against |max| {want.abs().max().item():.2e}"
 
 
 def test_groups_split_whole_and_balanced():
