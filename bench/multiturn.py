@@ -4,7 +4,7 @@
     python bench/multiturn.py --chats 64 --turns 4 --device cuda
 
 Both modes pack their documents into rows of ``--row-tokens`` with the same packer and run the same shared
-forward + backward (``train.forward.sft_loss_sum``, sdpa backend); only the documents differ. The chats are
+forward + backward (``train.models.forward.sft_loss_sum``, sdpa backend); only the documents differ. The chats are
 synthetic arithmetic reasoning chats (reasoning 3-10x longer than answers, printed) with a system prompt.
 Single-pass saves the re-processed prefixes, so the speedup follows the token ratio
 per_turn / single_pass = (K * prompt_0 + sum_k (k-th prefix)) / (one pass); it grows with the number of turns
@@ -31,9 +31,9 @@ from data_pipelines.arithmetic import ArithmeticSpec, generate  # noqa: E402
 from data_pipelines.chat_format import split_reasoning  # noqa: E402
 from data_pipelines.multiturn import chat_documents  # noqa: E402
 from data_pipelines.packing import IGNORE_INDEX, pack  # noqa: E402
-from train.attention import model_inputs  # noqa: E402
-from train.forward import sft_loss_sum  # noqa: E402
-from train.model_zoo import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from train.models.attention import model_inputs  # noqa: E402
+from train.models.forward import sft_loss_sum  # noqa: E402
+from train.models.model_zoo import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 SYSTEM_PROMPT = "You are a helpful assistant. Think step by step, then give the final answer in \\boxed{}."
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "model" / "tiny.yaml"

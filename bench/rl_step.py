@@ -108,8 +108,8 @@ def step_prompts(cfg, num_steps: int) -> list[list]:
 
 def model_path_of(cfg) -> str:
     """The weights both sides start from (a run directory means its latest checkpoint, as in the recipe)."""
-    from train.checkpoint import resolve_model_dir
-    from train.model_zoo import resolve_model_path
+    from train.run.checkpoint import resolve_model_dir
+    from train.models.model_zoo import resolve_model_path
 
     if cfg.model.get("path"):
         return str(resolve_model_dir(cfg.model.path))
@@ -121,19 +121,19 @@ def run_ours(cfg, warmup: int) -> dict:
     """Our recipe end to end; per-step wall time from the moments it logs each step's metrics."""
     import ray
 
-    import train.rl
+    import train.rl.recipe
     from train.__main__ import run
 
     stamps: list[float] = []
 
-    class ClockedLogger(train.rl.RunLogger):
+    class ClockedLogger(train.rl.recipe.RunLogger):
         def log(self, metrics, step):
             super().log(metrics, step)
             if "reward/total" in metrics:  # a step's metrics (not the final eval's)
                 stamps.append(time.perf_counter())
 
     start, load_before = time.perf_counter(), os.getloadavg()[0]
-    with mock.patch.object(train.rl, "RunLogger", ClockedLogger):
+    with mock.patch.object(train.rl.recipe, "RunLogger", ClockedLogger):
         out = run(cfg)
     total = time.perf_counter() - start
     ray.shutdown()
@@ -157,7 +157,7 @@ def run_ours(cfg, warmup: int) -> dict:
 
 def threads_of(cfg) -> tuple:
     """Torch threads per trainer rank and per rollout worker, as the recipe sets them."""
-    from train.rl import cpu_threads
+    from train.rl.recipe import cpu_threads
 
     overlap = int(cfg.rollout.get("async_steps", 0)) == 1
     trainer, rollout = cpu_threads(os.cpu_count() or 1, cfg.trainer.world_size, cfg.rollout.num_workers, overlap,
@@ -216,7 +216,7 @@ def run_trl(cfg, batches: list[list], args, output_dir: str) -> dict:
     from trl import GRPOTrainer
 
     from rewards.registry import build_reward
-    from train.model_zoo import load_model, load_tokenizer
+    from train.models.model_zoo import load_model, load_tokenizer
 
     model_path = model_path_of(cfg)
     ordered = [p for batch in batches for p in batch]  # row i of the dataset is ordered[i]

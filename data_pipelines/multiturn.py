@@ -14,7 +14,7 @@ that turn k adds and ``R_k`` turn k's response (reasoning + answer + ``<|im_end|
 
 so the inference prompt of turn k is X_0 + ... + X_k, exactly ``generation_prompt`` of that turn.
 
-Span description (read by every attention backend, train/attention.py):
+Span description (read by every attention backend, train/models/attention.py):
 - segments: X_k is local segment 2k and R_k is 2k+1 for k < K-1; the last turn's X and R share segment
   2K-2 (nothing comes after it), so a one-turn chat is ordinary packed SFT, and ``segment // 2`` is the turn
   of every token (``token_turns``);

@@ -10,7 +10,7 @@ documents (attention never crosses documents), and the tail padding is one more 
     allowed(q, k) = k <= q  and  visibility[segment[q], segment[k]]
 
 This (``segment_ids`` per token + ``visibility`` per row) is the single source of truth for the dense SDPA
-mask, the FlexAttention BlockMask and the flash-attn varlen boundaries (see train/attention.py).
+mask, the FlexAttention BlockMask and the flash-attn varlen boundaries (see train/models/attention.py).
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def pack_balanced(documents: list[Document], num_batches: int, row_tokens: int, 
 
 def one_document_per_row(batch: PackedBatch, pad_token_id: int) -> tuple[PackedBatch, torch.Tensor]:
     """The documents of packed ``batch`` laid out one per row, right-padded: the layout for models that cannot
-    keep packed documents apart (Mamba-2 without its CUDA kernels, see train/forward.py).
+    keep packed documents apart (Mamba-2 without its CUDA kernels, see train/models/forward.py).
 
     Returns the padded batch (same ``sample_ids`` order, ``doc_ids`` = row index on tokens, -1 on padding) and
     ``source`` [docs, width]: the flat index into ``batch``'s [rows * seq] of each token, -1 on padding, so

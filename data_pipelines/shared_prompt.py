@@ -2,7 +2,7 @@
 
 GRPO-style algorithms sample G responses per prompt. Packed as G separate documents, every prompt token runs
 through the model G times in the update (and in every log-prob forward). A ``SharedPromptBatch`` holds each
-prompt once and its responses apart; train/forward.py runs the prompts first (KV cache kept with its autograd
+prompt once and its responses apart; train/models/forward.py runs the prompts first (KV cache kept with its autograd
 graph), repeats each prompt's keys and values for its responses and runs the responses on top. Each response
 sees exactly the context it would see alone (its prompt, then itself), so log-probs and gradients equal the
 packed layout's (tested in fp32); gradients through the shared keys and values add up over the group by the

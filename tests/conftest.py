@@ -46,7 +46,7 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from train.model_zoo import build_tiny_tokenizer
+    from train.models.model_zoo import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 
@@ -79,7 +79,7 @@ def compose(tmp_path, model_cache):
 @pytest.fixture(autouse=True)
 def _process_wide_torch_state():
     """Each test starts with the same process-wide torch settings, whatever ran before it: the recipes set the
-    thread count (cluster.num_threads) and flush denormals (train/runtime.py) in the calling process, and a later
+    thread count (cluster.num_threads) and flush denormals (train/models/runtime.py) in the calling process, and a later
     test must not inherit either, or its results would depend on test order."""
     import torch
 

@@ -8,7 +8,7 @@ from hydra.errors import MissingConfigException
 
 from tests.conftest import REPO
 from train.__main__ import run
-from train.config_checks import ConfigError, check_sft
+from train.run.config_checks import ConfigError, check_sft
 
 
 def test_quickstart_composes_with_overrides(compose):

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-RECIPES = {"sft": "train.sft", "rl": "train.rl"}
+RECIPES = {"sft": "train.sft.recipe", "rl": "train.rl.recipe"}
 
 
 def run(cfg: DictConfig) -> dict:

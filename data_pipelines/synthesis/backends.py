@@ -1,6 +1,6 @@
 """Text generation backends for the synthesis stages: one call, ``generate(prompts, n, seeds)`` -> n texts per
-prompt. ``hf`` runs Hugging Face ``generate`` in-process (train.rollout_worker.RolloutWorker), ``vllm`` runs vLLM
-on a GPU, ``ray`` spreads prompts over Ray rollout workers (train.actors.RolloutPool) for scale.
+prompt. ``hf`` runs Hugging Face ``generate`` in-process (train.workers.rollout_worker.RolloutWorker), ``vllm`` runs vLLM
+on a GPU, ``ray`` spreads prompts over Ray rollout workers (train.workers.actors.RolloutPool) for scale.
 
 Sampling seeds: ``hf`` and ``vllm`` seed each prompt with its own seed (derived from the run seed and the row
 id), so a resumed run samples what an uninterrupted one would; ``ray`` seeds per batch (RolloutPool's API).
@@ -24,7 +24,7 @@ def resolve_model(model_path, key: str) -> str:
     if model_path == "embedded":
         from omegaconf import OmegaConf
 
-        from train.model_zoo import resolve_model_path
+        from train.models.model_zoo import resolve_model_path
 
         tiny = OmegaConf.load(REPO / "configs/model/tiny.yaml")
         tiny.cache_dir = str(REPO / tiny.cache_dir)
@@ -39,7 +39,7 @@ class HFBackend:
     """In-process Hugging Face ``generate`` through the RL rollout worker (same prompts, same sampling code)."""
 
     def __init__(self, model_path: str, max_new_tokens: int, temperature: float, top_p: float, device: str = "cpu"):
-        from train.rollout_worker import RolloutWorker
+        from train.workers.rollout_worker import RolloutWorker
 
         self.worker = RolloutWorker(model_path, device=device)
         self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
@@ -87,7 +87,7 @@ class RayBackend:
                  num_gpus_per_worker: float = 0, ray_address: str | None = None):
         import ray
 
-        from train.actors import RolloutPool
+        from train.workers.actors import RolloutPool
 
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -29,7 +29,7 @@ from data_pipelines.multiturn import (
     token_turns,
 )
 from data_pipelines.packing import IGNORE_INDEX, Document, collate
-from train.attention import allowed
+from train.models.attention import allowed
 
 SPECIALS = (IM_START, IM_END, THINK_OPEN, THINK_CLOSE)
 

@@ -19,8 +19,8 @@ from data_pipelines.chat_format import IM_END, THINK_CLOSE, THINK_OPEN, generati
 from data_pipelines.multiturn import document_from_messages, per_turn_documents
 from data_pipelines.packing import collate
 from tests.conftest import TEST_ARCH
-from train.forward import sft_loss_sum
-from train.model_zoo import ATTN_IMPLEMENTATIONS, build_tiny_model
+from train.models.forward import sft_loss_sum
+from train.models.model_zoo import ATTN_IMPLEMENTATIONS, build_tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # FlexAttention has no backward on CPU (torch 2.13): forward-only there.

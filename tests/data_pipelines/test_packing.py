@@ -5,8 +5,8 @@ from data_pipelines.arithmetic import ArithmeticSpec, generate
 from data_pipelines.chat_format import render_segments, tokenize_segments
 from data_pipelines.packing import IGNORE_INDEX, Document, collate, pack, pack_rows
 from tests.conftest import TEST_ARCH
-from train.attention import allowed, model_inputs
-from train.model_zoo import build_tiny_model
+from train.models.attention import allowed, model_inputs
+from train.models.model_zoo import build_tiny_model
 
 
 def _documents(tokenizer, n, seed=0, turns=1):
@@ -79,7 +79,7 @@ def test_packed_logits_equal_logits_alone(tiny_tokenizer, backend):
 
 
 def test_per_document_gathers_each_documents_trained_positions():
-    from train.forward import per_document
+    from train.models.forward import per_document
 
     docs = [Document([1, 2, 3, 4], [False, False, True, True], sample_id="a"),
             Document([5, 6, 7], [False, True, True], sample_id="b"),

@@ -162,7 +162,7 @@ def test_integer_fast_path_matches_the_correctness_reward():
 
 def test_model_generator_and_solver_run_on_the_hf_backend(tmp_path, model_cache):
     """Smoke test of the real-model code path with a tiny untrained model: prompts, sampling, parsing, scoring."""
-    from train.model_zoo import embedded_model_path
+    from train.models.model_zoo import embedded_model_path
 
     model = embedded_model_path(model_cache, TEST_ARCH, 384, 0)
     cfg = _cfg(tmp_path, "num_problems=2", f"generator.model_path={model}", "generator.max_new_tokens=12",
@@ -215,7 +215,7 @@ def test_bad_input_fails_early_naming_the_field(tmp_path, overrides, error, matc
 def test_missing_stage_input_and_vllm_on_cpu_say_what_to_do(tmp_path, model_cache):
     with pytest.raises(FileNotFoundError, match=r"stage 'difficulty' reads .*problems\.jsonl.*run stage 'problems' first"):
         run(_cfg(tmp_path, "stages=[difficulty]"))
-    from train.model_zoo import embedded_model_path
+    from train.models.model_zoo import embedded_model_path
 
     model = embedded_model_path(model_cache, TEST_ARCH, 384, 0)
     with pytest.raises((RuntimeError, ImportError), match=r"generator\.backend=vllm"):

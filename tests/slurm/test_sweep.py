@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
-from train.model_zoo import resolve_model_path
+from train.models.model_zoo import resolve_model_path
 
 
 def test_two_point_sweep_runs_as_two_submitit_jobs(tmp_path, compose):

@@ -1,0 +1,105 @@
+"""Held-out evaluation: exact match of the final boxed answer and response lengths, of greedy completions and,
+when asked, of k sampled completions per problem (pass@1 averaged over k samples, as DeepSeek-R1 reports it:
+greedy decoding hides how a policy answers when sampled, e.g. how often it takes a verbose style)."""
+
+from __future__ import annotations
+
+import torch
+
+from data_pipelines.chat_format import generation_prompt
+from data_pipelines.loading import final_boxed
+from data_pipelines.prompts import prompt_messages
+from train.models.sampling import sample
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[list[int]]:
+    """Greedy completions (token ids, without the prompt, cut at end of turn) of ``prompts``."""
+    was_training = model.training
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    device = next(model.parameters()).device
+    completions = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for row in out[:, enc["input_ids"].shape[1] :].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id) + 1]
+                else:
+                    row = [t for t in row if t != tokenizer.pad_token_id]
+                completions.append(row)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return completions
+
+
+@torch.no_grad()
+def generate_sampled(model, tokenizer, prompts: list[str], samples: int, max_new_tokens: int, temperature: float = 1.0,
+                     top_p: float = 1.0, batch_size: int = 64, seed: int = 0) -> list[list[int]]:
+    """``samples`` sampled completions of each prompt (prompt 0's first), cut after end of turn; the same
+    seed gives the same completions."""
+    was_training = model.training
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    per_batch = max(1, batch_size // samples)
+    completions = []
+    try:
+        for i in range(0, len(prompts), per_batch):
+            enc = tokenizer(prompts[i : i + per_batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = sample(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, tokenizer.eos_token_id,
+                         tokenizer.pad_token_id, temperature, top_p, generator, group_size=samples)
+            for row in out.tolist():
+                if tokenizer.eos_token_id in row:
+                    completions.append(row[: row.index(tokenizer.eos_token_id) + 1])
+                else:
+                    completions.append([t for t in row if t != tokenizer.pad_token_id])
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return completions
+
+
+def _scores(tokenizer, completions: list[list[int]], answers: list[str], prefix: str) -> tuple[dict, list[str], list[bool]]:
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    correct = [final_boxed(text) == answer for text, answer in zip(texts, answers)]
+    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float)
+    truncated = [tokenizer.eos_token_id not in c for c in completions]
+    metrics = {
+        f"{prefix}accuracy": sum(correct) / len(completions),
+        f"{prefix}response_length_mean": lengths.mean().item(),
+        f"{prefix}response_length_p90": lengths.quantile(0.9).item(),
+        f"{prefix}truncated_fraction": sum(truncated) / len(completions),
+        f"{prefix}tokens_per_correct": lengths.sum().item() / max(sum(correct), 1),
+    }
+    return metrics, texts, correct
+
+
+def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 64, samples: int = 0,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> dict:
+    """Greedy: eval/accuracy (exact match of the last boxed answer), eval/response_length (mean, p90),
+    eval/truncated_fraction, eval/tokens_per_correct. With ``samples`` = k > 0 the same over k completions
+    per problem sampled at ``temperature`` / ``top_p``, under eval/sampled_* (accuracy = pass@1 averaged over k)."""
+    prompts = [generation_prompt(prompt_messages(row)) for row in rows]
+    completions = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+    metrics, texts, correct = _scores(tokenizer, completions, [row["answer"] for row in rows], "eval/")
+    if samples > 0:
+        sampled = generate_sampled(model, tokenizer, prompts, samples, max_new_tokens, temperature, top_p, batch_size, seed)
+        metrics.update(_scores(tokenizer, sampled, [row["answer"] for row in rows for _ in range(samples)], "eval/sampled_")[0])
+    return {
+        **metrics,
+        "samples": [
+            {"prompt": p, "response": t, "answer": row["answer"], "correct": c}
+            for p, t, row, c in list(zip(prompts, texts, rows, correct))[:8]
+        ],
+    }

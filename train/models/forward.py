@@ -1,0 +1,163 @@
+"""The forward pass shared by SFT and RL: per-token log-probs (and entropy) on packed rows.
+
+Position t's logits predict token t+1, so every returned tensor is [rows, seq - 1] and aligned with
+``batch.input_ids[:, 1:]`` / ``batch.labels[:, 1:]``.
+
+Attention models read the span description through the attention backend (train/models/attention.py). State-space
+models (Mamba-2) have no attention mask: their kernels keep packed documents apart with ``seq_idx`` (the
+mamba_ssm / causal_conv1d CUDA kernels). The torch reference implementation (CPU, or no kernels installed)
+cannot reset its state at document boundaries, so there each document runs in its own right-padded row and
+the logits are put back in the packed layout: the caller sees the same batch and the same numbers either way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from data_pipelines.packing import IGNORE_INDEX, PackedBatch, one_document_per_row
+from data_pipelines.shared_prompt import SharedPromptBatch
+from train.models.attention import model_inputs
+from train.models.model_zoo import ATTENTION_FREE
+
+log = logging.getLogger(__name__)
+
+PADDED_FALLBACK_MESSAGE = (
+    "Mamba-2 on CPU: packing disabled, padded batches (the torch reference kernel cannot reset state at "
+    "document boundaries)"
+)
+_padded_fallback_logged = False  # the message above is logged once per process
+
+
+def is_ssm(model) -> bool:
+    """Whether ``model`` (or the module a DeepSpeed engine wraps) is an attention-free state-space LM."""
+    return getattr(getattr(model, "module", model).config, "model_type", None) in ATTENTION_FREE
+
+
+def ssm_kernels_available(device: torch.device) -> bool:
+    """Mamba-2 CUDA kernels that take ``seq_idx``: mamba_ssm (SSD scan) and causal_conv1d, on a GPU."""
+    return device.type == "cuda" and all(importlib.util.find_spec(p) is not None for p in ("mamba_ssm", "causal_conv1d"))
+
+
+def ssm_logits(model, batch: PackedBatch) -> torch.Tensor:
+    """Logits [rows, seq, vocab] of a Mamba-2 model on packed rows, documents kept apart."""
+    if not batch.plain:
+        raise ValueError(
+            "Mamba-2 has no attention mask, so it cannot run single-pass multi-turn documents (per-turn visibility); "
+            "set data.multi_turn=per_turn"
+        )
+    core = getattr(model, "module", model)  # DeepSpeed engine -> the HF model
+    if ssm_kernels_available(batch.input_ids.device):
+        # GPU kernels reset the state where seq_idx changes (one index per document, the tail padding its own).
+        # Mamba2ForCausalLM.forward does not pass seq_idx on (transformers 5.23), so call backbone + head.
+        # Not exercised by the CPU test suite.
+        seq_idx = torch.where(batch.doc_ids >= 0, batch.doc_ids, len(batch.sample_ids)).to(torch.int32)  # [rows, seq]
+        hidden = core.backbone(input_ids=batch.input_ids, seq_idx=seq_idx, use_cache=False).last_hidden_state
+        return core.lm_head(hidden.to(core.lm_head.weight.dtype)).float()
+    global _padded_fallback_logged
+    if not _padded_fallback_logged:
+        log.warning(PADDED_FALLBACK_MESSAGE)
+        _padded_fallback_logged = True
+    pad_id = core.config.pad_token_id if core.config.pad_token_id is not None else 0
+    padded, source = one_document_per_row(batch, pad_id)  # [docs, width]
+    on_token = source >= 0
+    logits = model(input_ids=padded.input_ids, attention_mask=on_token.long(), use_cache=False).logits  # [docs, width, vocab]
+    rows, seq = batch.input_ids.shape
+    packed = logits.new_zeros(rows * seq, logits.size(-1))
+    packed[source[on_token]] = logits[on_token]
+    return packed.view(rows, seq, -1)  # [rows, seq, vocab], zeros on the tail padding
+
+
+def causal_lm_logits(model, batch: PackedBatch, backend: str) -> torch.Tensor:
+    """Logits [rows, seq, vocab] on packed rows, attention never crossing documents (state never, for SSMs)."""
+    if is_ssm(model):
+        return ssm_logits(model, batch)
+    return model(**model_inputs(batch, backend), use_cache=False).logits
+
+
+def shared_prompt_logits(model, batch: SharedPromptBatch) -> torch.Tensor:
+    """Logits [responses, R, vocab] of a SharedPromptBatch (data_pipelines/shared_prompt.py): position j
+    predicts response token j. The prompts run once with a KV cache; each response runs on a copy of its
+    prompt's keys and values (indexing keeps the autograd graph, so gradients flow back into the prompt pass)."""
+    from transformers import DynamicCache
+
+    device = batch.prompt_ids.device
+    num_prompts, width_p = batch.prompt_ids.shape
+    width_r = batch.response_ids.shape[1]
+    prompt_mask = (torch.arange(width_p, device=device) < batch.prompt_lengths[:, None]).long()  # [prompts, P]
+    cache = DynamicCache()
+    out = model(input_ids=batch.prompt_ids, attention_mask=prompt_mask, past_key_values=cache, use_cache=True,
+                position_ids=torch.arange(width_p, device=device).expand(num_prompts, -1))
+    last = out.logits[torch.arange(num_prompts, device=device), batch.prompt_lengths - 1]  # [prompts, vocab]
+    cache = out.past_key_values
+    cache.batch_select_indices(batch.owner)  # [responses, heads, P, head_dim] per layer
+    response_mask = (torch.arange(width_r, device=device) < batch.response_lengths[:, None]).long()
+    positions = batch.prompt_lengths[batch.owner, None] + torch.arange(width_r, device=device)  # [responses, R]
+    logits = model(input_ids=batch.response_ids, attention_mask=torch.cat([prompt_mask[batch.owner], response_mask], 1),
+                   position_ids=positions, past_key_values=cache, use_cache=True).logits  # [responses, R, vocab]
+    return torch.cat([last[batch.owner, None], logits[:, :-1]], dim=1)
+
+
+def token_logprobs(
+    model, batch: PackedBatch | SharedPromptBatch, backend: str, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(x_{t+1} | x_{<=t}) for every position, [rows, seq-1]; entropy of pi(.|x_{<=t}) if asked.
+    For a SharedPromptBatch: log pi(y_j | prompt, y_{<j}) for every response token, [responses, R]."""
+    if isinstance(batch, SharedPromptBatch):
+        logits = shared_prompt_logits(model, batch).float()  # [responses, R, vocab]
+        targets = batch.response_ids
+    else:
+        logits = causal_lm_logits(model, batch, backend)[:, :-1].float()  # [rows, seq-1, vocab]
+        targets = batch.input_ids[:, 1:]  # [rows, seq-1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:  # a diagnostic: no gradient
+        with torch.no_grad():
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logprobs, entropy
+
+
+def sft_loss_sum(model, batch: PackedBatch, backend: str) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies over loss tokens, number of loss tokens). Divide by the total over the
+    accumulation window so that gradient accumulation equals one large batch."""
+    logits = causal_lm_logits(model, batch, backend)[:, :-1].float()
+    targets = batch.labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def per_document(values: torch.Tensor, batch: PackedBatch | SharedPromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather the loss-token entries of ``values`` [rows, seq-1] into one row per document.
+
+    Returns (``out`` [num_docs, max_loss_tokens], ``mask`` [num_docs, max_loss_tokens]) in the order of
+    ``batch.sample_ids``, so that per-sequence losses (algorithms/) can run on packed rows: position t of a
+    row predicts token t+1, which belongs to document ``doc_ids[:, t+1]``. A SharedPromptBatch's values are
+    already one row per response: its loss tokens move to the front of each row, in order.
+    """
+    if isinstance(batch, SharedPromptBatch):
+        trained = batch.loss_mask  # [responses, R]
+        counts = trained.sum(1)
+        width = int(counts.max()) if len(counts) else 0
+        index = torch.argsort((~trained).to(torch.int8), dim=1, stable=True)[:, :width]  # loss positions first, in order
+        mask = torch.arange(width, device=values.device) < counts[:, None]
+        return values.gather(1, index).masked_fill(~mask, 0), mask
+    trained = batch.labels[:, 1:] != IGNORE_INDEX  # [rows, seq-1]
+    doc = batch.doc_ids[:, 1:][trained]  # [n] document of each trained position, row-major = sequence order
+    picked = values[trained]  # [n]
+    num_docs = len(batch.sample_ids)
+    counts = torch.bincount(doc, minlength=num_docs)  # [docs]
+    width = int(counts.max()) if len(counts) else 0
+    order = torch.argsort(doc, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(doc), device=values.device) - starts[doc[order]]
+    out = values.new_zeros(num_docs, width)
+    mask = torch.zeros(num_docs, width, dtype=torch.bool, device=values.device)
+    out[doc[order], slot] = picked[order]
+    mask[doc[order], slot] = True
+    return out, mask

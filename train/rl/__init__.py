@@ -1,0 +1,1 @@
+"""The RL recipe (GRPO family, AAPO, Bingo): the driver and the parts of its step."""

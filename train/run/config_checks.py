@@ -1,0 +1,186 @@
+"""Config validation that runs before any expensive work (model build, data generation, training).
+
+Each message names the config key and the fix.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from data_pipelines.loading import check_files
+from data_pipelines.multiturn import check_mode
+from train.models.attention import BACKENDS, check_backend
+from train.models.runtime import resolve_device, resolve_precision
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Every mandatory (``???``) value must be set."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing required config value(s): {', '.join(missing)}; set them on the command line, e.g. {missing[0]}=...")
+
+
+def check_common(cfg: DictConfig) -> None:
+    check_missing(cfg)
+    t = cfg.trainer
+    _require(t.lr > 0, f"trainer.lr={t.lr} must be > 0")
+    _require(t.weight_decay >= 0, f"trainer.weight_decay={t.weight_decay} must be >= 0")
+    _require(t.warmup_steps >= 0, f"trainer.warmup_steps={t.warmup_steps} must be >= 0")
+    _require(0 <= t.min_lr_ratio <= 1, f"trainer.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _require(t.grad_accum >= 1, f"trainer.grad_accum={t.grad_accum} must be >= 1")
+    _require(t.rows_per_micro_batch >= 1, f"trainer.rows_per_micro_batch={t.rows_per_micro_batch} must be >= 1")
+    _require(t.max_grad_norm >= 0, f"trainer.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
+    _require(t.max_steps is not None or t.epochs is not None, "set trainer.max_steps or trainer.epochs")
+    if t.max_steps is not None:
+        _require(t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1 (or null to use trainer.epochs)")
+    elif t.epochs is not None:
+        _require(t.epochs > 0, f"trainer.epochs={t.epochs} must be > 0")
+    horizon = t.get("schedule_steps")
+    if horizon is not None:
+        _require(t.max_steps is not None and horizon >= t.max_steps,
+                 f"trainer.schedule_steps={horizon} must be >= trainer.max_steps={t.max_steps} (the run stops on the "
+                 "schedule of a longer one); null = the schedule spans max_steps")
+    _require(t.eval_every >= 0 and t.save_every >= 0, "trainer.eval_every and trainer.save_every must be >= 0")
+    _require(cfg.logger.mode in ("offline", "online", "disabled"), f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")
+    _require(cfg.model.attn_backend in BACKENDS, f"model.attn_backend={cfg.model.attn_backend!r} must be one of {list(BACKENDS)}")
+    device = resolve_device(cfg.cluster.device)
+    resolve_precision(t.precision, device)
+    check_backend(cfg.model.attn_backend, device)
+    d = cfg.data
+    _require(d.source in ("synthetic", "files"), f"data.source={d.source!r} must be 'synthetic' or 'files'")
+    _require(d.max_seq_len >= 8, f"data.max_seq_len={d.max_seq_len} is too small")
+    _require(
+        t.row_tokens >= d.max_seq_len,
+        f"trainer.row_tokens={t.row_tokens} < data.max_seq_len={d.max_seq_len}: a row must hold the longest document; "
+        "raise trainer.row_tokens or lower data.max_seq_len",
+    )
+    turns = d.synthetic.train.turns if d.source == "synthetic" else 2  # files: assume multi-turn chats may occur
+    check_mode(d.get("multi_turn", "single_pass"), cfg.model.attn_backend, max_turns=turns)
+    arch = (cfg.model.get("tiny") or {}).get("arch") or {}
+    if not cfg.model.get("path") and arch.get("model_type") == "mamba2" and turns > 1:
+        _require(d.get("multi_turn") == "per_turn", "model=tiny_mamba2 has no attention mask for single-pass multi-turn "
+                 "chats: set data.multi_turn=per_turn")
+    if d.source == "files":
+        _require(len(d.train_files) > 0, "data.train_files is empty: give at least one jsonl/parquet file")
+        check_files(d.train_files, "data.train_files")
+        check_files(d.eval_files, "data.eval_files")
+
+
+def check_sft(cfg: DictConfig) -> None:
+    check_common(cfg)
+    _require(cfg.algorithm.name == "sft", f"algorithm={cfg.algorithm.name} is not an SFT algorithm")
+
+
+def check_rl(cfg: DictConfig) -> None:
+    """RL-specific checks (trainer world, ZeRO stage, rollout backend) on top of the common ones."""
+    import importlib.util
+    import os
+
+    import torch
+
+    check_missing(cfg)
+    _require(cfg.algorithm.get("recipe") == "rl", f"algorithm={cfg.algorithm.name} is not an RL algorithm")
+    t, r = cfg.trainer, cfg.rollout
+    for key in ("world_size", "micro_batches_per_rank", "ppo_epochs"):
+        _require(t.get(key) is not None, f"trainer.{key} is not set: RL runs need trainer=rl (or set trainer.{key})")
+    _require(t.lr > 0, f"trainer.lr={t.lr} must be > 0")
+    _require(t.max_steps is not None and t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
+    _require(t.zero_stage in (0, 1, 2, 3), f"trainer.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    _require(t.world_size >= 1, f"trainer.world_size={t.world_size} must be >= 1")
+    _require(t.ppo_epochs >= 1, f"trainer.ppo_epochs={t.ppo_epochs} must be >= 1")
+    on_gpu = torch.cuda.is_available()
+    available = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)
+    if not cfg.cluster.get("ray_address"):  # a remote Ray cluster is checked by Ray's own scheduler
+        _require(
+            t.world_size <= available,
+            f"trainer.world_size={t.world_size} exceeds the {available} {'GPUs' if on_gpu else 'CPUs'} of this machine; "
+            "lower trainer.world_size or give cluster.ray_address of a larger Ray cluster",
+        )
+    _require(r.backend in ("hf", "vllm"), f"rollout.backend={r.backend!r} must be hf or vllm")
+    if r.backend == "vllm":
+        _require(on_gpu, "rollout.backend=vllm needs a CUDA GPU; use rollout.backend=hf on this machine")
+        _require(importlib.util.find_spec("vllm") is not None, "rollout.backend=vllm needs the vllm package installed")
+    a = cfg.algorithm
+    _require(a.group_size >= 2, f"algorithm.group_size={a.group_size} must be >= 2 (group-relative advantages need a group)")
+    _require(a.kl.placement in ("loss", "reward"), f"algorithm.kl.placement={a.kl.placement!r} must be loss or reward")
+    _require(a.kl.beta >= 0, f"algorithm.kl.beta={a.kl.beta} must be >= 0")
+    if a.kl.placement == "reward" and a.kl.beta > 0:
+        _require(a.get("kl_reward") is not None, "algorithm.kl.placement=reward needs an algorithm.kl_reward block "
+                 "(see configs/algorithm/grpo.yaml)")
+    uses_momentum = "aapo" in str(a.advantage.get("_target_", ""))
+    _require(not uses_momentum or a.get("momentum_rollout", False),
+             "algorithm.advantage is AAPO's (needs momentum-model rewards): set algorithm.momentum_rollout=true")
+    _require(not a.get("momentum_rollout", False) or uses_momentum,
+             "algorithm.momentum_rollout=true samples a momentum model whose rewards only AAPO's advantage uses; "
+             "set algorithm.momentum_rollout=false or algorithm=aapo")
+    if a.get("momentum"):
+        _require(0 <= a.momentum.alpha <= 1, f"algorithm.momentum.alpha={a.momentum.alpha} must be in [0, 1] (1 = frozen)")
+        _require(a.momentum.period >= 1, f"algorithm.momentum.period={a.momentum.period} must be >= 1")
+    if a.get("overlong_penalty"):
+        cache = a.overlong_penalty.cache_len
+        _require(0 < cache <= r.max_new_tokens, f"algorithm.overlong_penalty.cache_len={cache} must be in "
+                 f"(0, rollout.max_new_tokens={r.max_new_tokens}]: the penalty ramps over the end of the budget")
+    _require(r.get("max_refill_rounds", 0) >= 0, f"rollout.max_refill_rounds={r.get('max_refill_rounds')} must be >= 0")
+    if r.get("multi_turn", False):  # single-pass multi-turn documents need a backend that reads the span description
+        check_mode("single_pass", cfg.model.attn_backend, max_turns=2)
+    sampler = str(cfg.get("sampler", {}).get("_target_", ""))
+    if sampler.endswith(("BandSampler", "ScheduleSampler")) and not (sampler.endswith("ScheduleSampler") and cfg.sampler.get("key")):
+        _require("correctness" in cfg.reward, f"sampler={sampler.rsplit('.', 1)[-1]} tracks pass rates from the correctness "
+                 "reward: add it (reward=[correctness,...]) or use sampler=uniform")
+    _require(r.get("async_steps", 0) in (0, 1), f"rollout.async_steps={r.get('async_steps')} must be 0 (on-policy) or 1 "
+             "(the next step's rollouts generated during the update)")
+    _require(not (r.get("async_steps", 0) and r.get("multi_turn", False)),
+             "rollout.async_steps=1 overlaps single-turn generation with the update; multi-turn rollouts take several "
+             "rounds in the driver: set rollout.async_steps=0 with rollout.multi_turn=true")
+    for key, value in (("rollout.num_threads", r.get("num_threads")), ("trainer.num_threads", t.get("num_threads"))):
+        _require(value is None or value >= 1, f"{key}={value} must be >= 1 or null (automatic)")
+    share = t.get("share_prompt", "auto")
+    _require(share in ("auto", True, False), f"trainer.share_prompt={share!r} must be auto, true or false")
+    _require(not (share is True and r.get("multi_turn", False)),
+             "trainer.share_prompt=true runs single-turn rollouts; multi-turn chats train as single-pass documents: "
+             "set trainer.share_prompt=auto or false")
+    _require(not (share is True and cfg.model.attn_backend != "sdpa"),
+             f"trainer.share_prompt=true is implemented for model.attn_backend=sdpa, got {cfg.model.attn_backend}; "
+             "set trainer.share_prompt=auto or false")
+    _require(r.num_workers >= 1, f"rollout.num_workers={r.num_workers} must be >= 1")
+    reward_workers = r.get("reward_workers", 1)
+    _require(isinstance(reward_workers, int) and reward_workers >= 0,
+             f"rollout.reward_workers={reward_workers} must be an integer >= 0 (0 = rewards computed in the driver)")
+    if cfg.cluster.placement == "disaggregated" and not cfg.cluster.get("ray_address"):
+        # every actor holds a device (rollout, reference) or CPU (reward) of its own: Ray would wait forever otherwise
+        cpus = cfg.cluster.get("ray_num_cpus") or os.cpu_count() or 1
+        devices = t.world_size + r.num_workers * (2 if a.get("momentum_rollout") else 1) + (1 if a.kl.beta > 0 else 0)
+        needed_cpus = reward_workers + (0 if on_gpu else devices)
+        _require(not on_gpu or devices <= available,
+                 f"cluster.placement=disaggregated needs {devices} GPUs (trainer ranks + rollout workers + reference), "
+                 f"this machine has {available}: use cluster.placement=colocated or fewer workers")
+        _require(needed_cpus <= cpus,
+                 f"cluster.placement=disaggregated needs {needed_cpus} CPUs (one per trainer rank, rollout, reference and "
+                 f"reward worker), Ray has {cpus}: use cluster.placement=colocated, fewer workers, or set cluster.ray_num_cpus")
+    _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
+    minis = t.get("ppo_mini_batches", 1)
+    _require(isinstance(minis, int) and 1 <= minis <= r.prompts_per_step,
+             f"trainer.ppo_mini_batches={minis} must be an integer in [1, rollout.prompts_per_step={r.prompts_per_step}] "
+             "(each mini-batch holds whole groups)")
+    _require(
+        r.prompts_per_step // max(minis, 1) * a.group_size >= t.world_size * t.micro_batches_per_rank,
+        f"trainer.ppo_mini_batches={minis}: each mini-batch of {r.prompts_per_step // max(minis, 1)} prompts x "
+        f"algorithm.group_size={a.group_size} responses cannot fill trainer.world_size * trainer.micro_batches_per_rank "
+        f"= {t.world_size * t.micro_batches_per_rank} micro-batches; lower trainer.ppo_mini_batches",
+    )
+    _require(
+        r.prompts_per_step * a.group_size >= t.world_size * t.micro_batches_per_rank,
+        f"rollout.prompts_per_step * algorithm.group_size = {r.prompts_per_step * a.group_size} responses cannot fill "
+        f"trainer.world_size * trainer.micro_batches_per_rank = {t.world_size * t.micro_batches_per_rank} micro-batches",
+    )
+    _require(cfg.logger.mode in ("offline", "online", "disabled"), f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")
+    check_backend(cfg.model.attn_backend, "cuda" if on_gpu else "cpu")

@@ -1,0 +1,1 @@
+"""The SFT recipe (recipe.py) and its curricula (phases, lr schedules, data streams)."""

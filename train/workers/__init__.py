@@ -1,0 +1,2 @@
+"""Ray actors and their placement: the DeepSpeed trainer group, rollout workers (HF, vLLM), the reference model,
+reward workers."""

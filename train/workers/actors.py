@@ -1,0 +1,193 @@
+"""Ray actors with one job each. This file holds the policy trainer group; the driver (the RL recipe) talks
+to the group as if it were one trainer."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import ray
+
+from train.workers.policy_trainer import PolicyTrainer
+from train.workers.worker_shares import Shares
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TrainerFailure(RuntimeError):
+    """A policy-trainer rank died or raised. Its torch.distributed world cannot continue without it (the other
+    ranks would wait in a collective), so the run must stop; it resumes from the last checkpoint."""
+
+
+class TrainerGroup:
+    """``world_size`` PolicyTrainer actors forming one torch.distributed world (rank 0 holds full weights).
+
+    Actors are named ``policy_trainer_<group>_<rank>`` (visible in ``ray list actors``). Every call waits for
+    the ranks one at a time, so the failure of any rank surfaces at once as a ``TrainerFailure`` instead of
+    leaving the driver blocked on a surviving rank stuck in a collective.
+    """
+
+    def __init__(self, world_size: int, model_path: str, attn_backend: str, trainer_cfg: dict,
+                 micro_batches_per_rank: int, seed: int = 0, rank_options: list[dict] | None = None,
+                 num_threads: int | None = None):
+        self.world_size = world_size
+        rank_options = rank_options or [{"num_cpus": 1}] * world_size  # Ray options per rank (train/workers/placement.py)
+        actor = ray.remote(PolicyTrainer)
+        address = "127.0.0.1"
+        for attempt in range(3):
+            # the rendezvous port is free when picked, but another process (gloo's own connections use the same
+            # ephemeral range) may take it before rank 0 listens: then start again on a new port
+            port, group = free_port(), uuid.uuid4().hex[:8]
+            self.ranks = [
+                actor.options(name=f"policy_trainer_{group}_{rank}", **rank_options[rank]).remote(
+                    rank, world_size, address, port, model_path, attn_backend, dict(trainer_cfg), micro_batches_per_rank,
+                    seed, num_threads)
+                for rank in range(world_size)
+            ]
+            try:
+                self._get([r.__ray_ready__.remote() for r in self.ranks], "start-up")
+                return
+            except TrainerFailure as err:
+                self.shutdown()
+                if "EADDRINUSE" not in str(err) or attempt == 2:
+                    raise
+
+    @staticmethod
+    def _get(refs: list, what: str) -> list:
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+                lines = [line for line in str(err).splitlines() if line.strip()]
+                cause = f"{lines[0]} ... {lines[-1]}" if len(lines) > 1 else (lines[0] if lines else "")
+                raise TrainerFailure(f"a policy trainer rank failed during {what}: {type(err).__name__}: {cause}") from err
+        return ray.get(list(refs))
+
+    def shard(self, items: list) -> list[list]:
+        """Contiguous split of ``items`` over the ranks (equal counts required by DeepSpeed)."""
+        if len(items) % self.world_size:
+            raise ValueError(f"{len(items)} micro-batches do not split evenly over {self.world_size} trainer ranks")
+        n = len(items) // self.world_size
+        return [items[i * n : (i + 1) * n] for i in range(self.world_size)]
+
+    def train_step(self, batches: list, loss_fn, normaliser: float, extras: list[dict],
+                   keep_gradients: bool = False) -> list[dict]:
+        return self._get([
+            rank.train_step.remote(b, loss_fn, normaliser, e, keep_gradients)
+            for rank, b, e in zip(self.ranks, self.shard(batches), self.shard(extras))
+        ], "the policy update")
+
+    def logprobs(self, batches: list) -> list:
+        shards = self._get([rank.logprobs.remote(b) for rank, b in zip(self.ranks, self.shard(batches))], "log-probs")
+        return [lp for shard in shards for lp in shard]
+
+    def gradients(self) -> dict:
+        """The full gradient of the last ``train_step(..., keep_gradients=True)``, as reduced over the ranks."""
+        return self._get([rank.gradients.remote() for rank in self.ranks], "gradients")[0]
+
+    def full_state_dict(self) -> dict:
+        return self._get([rank.full_state_dict.remote() for rank in self.ranks], "weight gathering")[0]
+
+    def save_state(self, path: str) -> None:
+        self._get([rank.save_state.remote(path) for rank in self.ranks], "checkpointing")
+
+    def load_state(self, path: str) -> None:
+        self._get([rank.load_state.remote(path) for rank in self.ranks], "resume")
+
+    def set_lr(self, lr: float) -> None:
+        self._get([rank.set_lr.remote(lr) for rank in self.ranks], "set_lr")
+
+    def shutdown(self) -> None:
+        for rank in self.ranks:
+            ray.kill(rank)
+
+
+class RolloutPool:
+    """``num_workers`` RolloutWorker actors sharing the prompts of a step.
+
+    A worker that dies mid-step is replaced by a fresh actor with the current weights, and its unfinished
+    prompts are generated again there: every prompt is answered exactly once per step (results are keyed by
+    prompt index), and the replacement is counted in ``restarts``.
+
+    ``submit`` starts a generation and returns at once (the driver overlaps it with the policy update when
+    ``rollout.async_steps=1``); ``generate`` is ``submit(...).result()``. A weight sync sent while a generation
+    runs is queued behind it by Ray (actor calls run in order), so that generation keeps the weights it started with.
+    """
+
+    def __init__(self, num_workers: int, model_path: str, seed: int = 0, worker_options: list[dict] | None = None,
+                 max_restarts_per_step: int = 3, backend: str = "hf", num_threads: int | None = None):
+        # Ray options per worker (train/workers/placement.py); a replacement worker gets the options of the one it replaces
+        self.worker_options = worker_options or [{"num_cpus": 1}] * num_workers
+        if len(self.worker_options) != num_workers:
+            raise ValueError(f"{len(self.worker_options)} worker options for {num_workers} rollout workers")
+        on_gpu = self.worker_options[0].get("num_gpus", 0) > 0
+        if backend == "vllm":
+            from train.workers.vllm_worker import VLLMRolloutWorker as worker_class
+
+            self._worker_kwargs = {}
+        elif backend == "hf":
+            from train.workers.rollout_worker import RolloutWorker as worker_class
+
+            self._worker_kwargs = {"device": "cuda" if on_gpu else "cpu", "num_threads": num_threads}
+        else:
+            raise ValueError(f"rollout.backend={backend!r} must be hf or vllm")
+        self._actor = ray.remote(worker_class)
+        self.model_path, self.seed, self.max_restarts_per_step = model_path, seed, max_restarts_per_step
+        self.workers = [self._start(i) for i in range(num_workers)]
+        self.weights_ref, self.version, self.restarts = None, 0, 0
+
+    def _start(self, index: int):
+        return self._actor.options(**self.worker_options[index]).remote(self.model_path, self.seed + index, **self._worker_kwargs)
+
+    def _replace(self, index: int) -> None:
+        worker = self._start(index)
+        if self.weights_ref is not None:
+            ray.get(worker.load_weights.remote(self.weights_ref, self.version))
+        self.workers[index] = worker
+        self.restarts += 1
+
+    def sync(self, state_dict: dict, version: int) -> None:
+        """Weight sync: put the weights in the object store once; every worker loads that version."""
+        self.weights_ref, self.version = ray.put(state_dict), version
+        ray.get([w.load_weights.remote(self.weights_ref, version) for w in self.workers])
+
+    def submit(self, prompts: list, group_size: int, seed: int, **sampling) -> "PendingGeneration":
+        """Start generating ``group_size`` responses to each of ``prompts``; collect with ``.result()``."""
+        return PendingGeneration(self, prompts, group_size, seed, sampling)
+
+    def generate(self, prompts: list, group_size: int, seed: int, **sampling) -> list:
+        """All rollouts of ``prompts`` (group_size each), grouped by prompt in prompt order."""
+        return self.submit(prompts, group_size, seed, **sampling).result()
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+
+
+class PendingGeneration:
+    """A generation running on the pool's workers: each worker got a contiguous share of the prompts."""
+
+    def __init__(self, pool: RolloutPool, prompts: list, group_size: int, seed: int, sampling: dict):
+        def call(worker, lo, hi):
+            return worker.generate.remote(prompts[lo:hi], group_size, seed=seed + lo, prompt_offset=lo, **sampling)
+
+        self.shares = Shares(pool.workers, len(prompts), 1, call, pool._replace, pool.max_restarts_per_step,
+                             "rollout workers")
+        self.rollouts: list | None = None
+
+    def shard_refs(self) -> list:
+        """The object refs of the shares as first launched, in prompt order (for work that starts as soon as they
+        are ready, e.g. reward scoring: train/workers/reward_workers.py)."""
+        return self.shares.first_refs_in_order()
+
+    def result(self) -> list:
+        """Wait for every share; a share whose worker died runs again on a replacement worker."""
+        if self.rollouts is None:
+            self.rollouts = [r for share in self.shares.results() for r in share]
+        return self.rollouts

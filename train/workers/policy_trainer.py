@@ -1,0 +1,181 @@
+"""One rank of the policy trainer: a torch.distributed process wrapped by DeepSpeed ZeRO (stage 0-3).
+
+A group of these (Ray actors, see train/workers/actors.py) forms one world: gloo on CPU (``DS_ACCELERATOR=cpu``),
+NCCL on GPU. Each rank computes log-probs and losses on its share of packed micro-batches through the same
+forward code as SFT (train/models/forward.py). The loss handed to DeepSpeed is scaled so that, after DeepSpeed's
+mean over ranks and over gradient-accumulation steps, the gradient is exactly that of
+
+    loss = sum over all loss tokens of the global batch / normaliser
+
+whatever the number of ranks, micro-batches or tokens per micro-batch (the normaliser is chosen by the caller:
+the global loss-token count for token-mean aggregation, a constant for Dr.GRPO, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from data_pipelines.packing import PackedBatch
+from train.models.forward import token_logprobs
+from train.models.model_zoo import load_model
+
+
+def deepspeed_config(trainer_cfg: dict, world_size: int, micro_batches_per_rank: int, on_gpu: bool) -> dict:
+    """The DeepSpeed config of a policy trainer from our trainer keys (stage, offload, optimiser, clipping)."""
+    stage = int(trainer_cfg.get("zero_stage", 0))
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"trainer.zero_stage={stage} must be 0, 1, 2 or 3")
+    zero: dict = {"stage": stage}
+    if trainer_cfg.get("offload_optimizer", False):
+        if stage == 0:
+            raise ValueError("trainer.offload_optimizer=true needs trainer.zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": micro_batches_per_rank,
+        "train_batch_size": world_size * micro_batches_per_rank,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": float(trainer_cfg["lr"]),
+                "betas": list(trainer_cfg.get("betas", (0.9, 0.95))),
+                "weight_decay": float(trainer_cfg.get("weight_decay", 0.0)),
+                "torch_adam": True,  # plain torch AdamW: identical numerics on every stage and device
+                # one fused kernel over all parameters instead of ~6 elementwise ops per tensor (the tiny model's
+                # optimizer step was ~14% of the update on CPU); torch's fused AdamW runs on CPU and GPU
+                "fused": True,
+            },
+        },
+        "gradient_clipping": float(trainer_cfg.get("max_grad_norm", 0.0)),
+        "bf16": {"enabled": on_gpu and trainer_cfg.get("precision", "auto") in ("auto", "bf16")},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class PolicyTrainer:
+    """A DeepSpeed engine around the policy on one rank of a ``world_size`` world."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        model_path: str,
+        attn_backend: str,
+        trainer_cfg: dict,
+        micro_batches_per_rank: int,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ):
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+            WORLD_SIZE=str(world_size), LOCAL_RANK="0" if not on_gpu else str(rank % torch.cuda.device_count()),
+        )
+        import deepspeed
+
+        if not on_gpu:  # ranks share the machine's cores; more threads than cores makes every rank crawl
+            torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // world_size))
+        torch.manual_seed(seed)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+        self.rank, self.world_size, self.attn_backend = rank, world_size, attn_backend
+        self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpu else torch.device("cpu")
+        model = load_model(model_path, attn_backend, torch.float32, self.device)
+        model.train()
+        self.config = deepspeed_config(trainer_cfg, world_size, micro_batches_per_rank, on_gpu)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.config
+        )
+        self.last_gradients: dict[str, torch.Tensor] | None = None
+        self.version = 0  # bumped at every optimizer step; rollouts record the version that generated them
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def logprobs(self, batches: list[PackedBatch]) -> list[torch.Tensor]:
+        """Per-token log-probs [rows, seq-1] of each batch under the current weights (no grad)."""
+        self.engine.eval()
+        out = [token_logprobs(self.engine, b.to(self.device), self.attn_backend)[0].cpu() for b in batches]
+        self.engine.train()
+        return out
+
+    def train_step(self, batches: list[PackedBatch], loss_fn: Callable, normaliser: float, extras: list[dict],
+                   keep_gradients: bool = False) -> dict:
+        """One optimizer step over this rank's micro-batches.
+
+        ``loss_fn(logprobs, entropy, batch, extra) -> (loss_sum, stats)`` returns the *sum* of per-token losses
+        of the micro-batch (shape []); it is divided by ``normaliser`` (the same on every rank) and rescaled to
+        undo DeepSpeed's averaging, so the update equals one step on the whole global batch.
+        ``keep_gradients`` keeps the full reduced gradient of the step (before clipping) for ``gradients()``.
+        """
+        if len(batches) != self.engine.gradient_accumulation_steps():
+            raise ValueError(f"rank {self.rank} got {len(batches)} micro-batches, expected {self.engine.gradient_accumulation_steps()}")
+        scale = self.world_size * self.engine.gradient_accumulation_steps() / normaliser
+        totals: dict[str, float] = {}
+        grad_norm = None
+        for index, (batch, extra) in enumerate(zip(batches, extras)):
+            batch = batch.to(self.device)
+            logprobs, entropy = token_logprobs(self.engine, batch, self.attn_backend, with_entropy=True)
+            loss_sum, stats = loss_fn(logprobs, entropy, batch, {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in extra.items()})
+            self.engine.backward(loss_sum * scale)
+            if index == len(batches) - 1 and self.config["zero_optimization"]["stage"] == 0:
+                # stage 0 keeps whole, already all-reduced gradients; DeepSpeed reports no norm there
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if index == len(batches) - 1 and keep_gradients:
+                self.last_gradients = self._full_gradients()
+            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            totals["loss_sum"] = totals.get("loss_sum", 0.0) + float(loss_sum.detach())
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        self.version += 1
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        totals["lr"] = self.optimizer.param_groups[0]["lr"]
+        return totals
+
+    def _full_gradients(self) -> dict[str, torch.Tensor] | None:
+        """The reduced gradient of every parameter on rank 0 (between the last backward and the optimizer step;
+        ZeRO shards are gathered, so every rank must call this), None elsewhere."""
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {name: safe_get_full_grad(p) for name, p in self.engine.module.named_parameters() if p.requires_grad}
+        return {n: g.detach().float().cpu().clone() for n, g in grads.items()} if self.rank == 0 else None
+
+    def gradients(self) -> dict[str, torch.Tensor] | None:
+        """The gradients kept by the last ``train_step(..., keep_gradients=True)`` (rank 0; None elsewhere)."""
+        return self.last_gradients
+
+    # -- weights -----------------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """All weights on rank 0 (gathering ZeRO-3 shards; every rank must call this), None elsewhere."""
+        import deepspeed
+
+        module = self.engine.module
+        state = {}
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], enabled=self.config["zero_optimization"]["stage"] == 3):
+                if self.rank == 0:
+                    state[name] = param.detach().cpu().clone()
+        return state if self.rank == 0 else None
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def save_state(self, path: str) -> None:
+        """DeepSpeed state (sharded optimizer, lr scheduler, step) under ``path/deepspeed``; every rank calls."""
+        self.engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state", client_state={"version": self.version})
+
+    def load_state(self, path: str) -> None:
+        _, client = self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state")
+        self.version = int((client or {}).get("version", 0))

@@ -1,0 +1,97 @@
+"""Rollout worker: generates G responses per prompt with the current policy weights (a Hugging Face model:
+train/models/sampling.py's KV-cache loop for attention models, `generate` for state-space models).
+
+Runs as a Ray actor (``ray.remote(RolloutWorker)``) or in-process. Every sample records the policy version
+that generated it; ``load_weights`` installs the trainer's weights after each update (weight sync).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from train.models.forward import is_ssm
+from train.models.model_zoo import load_model, load_tokenizer
+from train.models.sampling import sample
+
+
+@dataclass
+class Rollout:
+    """One sampled response to one prompt."""
+
+    prompt_index: int  # index of the prompt in the request
+    prompt_ids: list[int]
+    response_ids: list[int]  # generated tokens, ending with eos unless truncated
+    response_text: str
+    truncated: bool  # hit max_new_tokens without eos
+    policy_version: int
+    meta: dict = field(default_factory=dict)
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, seed: int = 0, device: str = "cpu", num_threads: int | None = None):
+        self.device = torch.device(device)
+        if num_threads and self.device.type == "cpu":  # else Ray's default for the actor (1 for num_cpus=0)
+            torch.set_num_threads(num_threads)
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = load_model(model_path, "sdpa", torch.float32, self.device).eval()
+        self.version = 0
+        self.seed = seed
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        """Install trainer weights (names as in ``model.named_parameters()``); returns the new version."""
+        missing = [name for name, _ in self.model.named_parameters() if name not in state_dict]
+        if missing:
+            raise KeyError(f"weight sync: trainer state lacks {missing[:3]}...")
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                param.copy_(state_dict[name].to(param.dtype))
+        self.version = version
+        return version
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str] | list[list[int]], group_size: int, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int | None = None, prompt_offset: int = 0) -> list[Rollout]:
+        """``group_size`` samples for each prompt (text, or token ids); rollouts come grouped (prompt 0's group first)."""
+        tok = self.tokenizer
+        if prompts and not isinstance(prompts[0], str):  # token ids (multi-turn prompts built by appending ids)
+            width = max(len(p) for p in prompts)
+            enc = {
+                "input_ids": torch.tensor([[tok.pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=self.device),
+                "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device),
+            }
+        else:
+            side, tok.padding_side = tok.padding_side, "left"
+            try:
+                enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            finally:
+                tok.padding_side = side
+        if is_ssm(self.model):  # no KV cache to drop rows from: Hugging Face's loop with the model's own cache
+            input_ids = enc["input_ids"].repeat_interleave(group_size, 0)
+            attention_mask = enc["attention_mask"].repeat_interleave(group_size, 0)
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=temperature > 0,
+                temperature=max(temperature, 1e-5), top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            )[:, input_ids.shape[1]:]
+        else:
+            generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+            out = sample(self.model, enc["input_ids"], enc["attention_mask"], max_new_tokens, tok.eos_token_id,
+                         tok.pad_token_id, temperature, top_p, generator, group_size=group_size)
+        rollouts = []
+        for i, row in enumerate(out.tolist()):
+            p = i // group_size
+            truncated = tok.eos_token_id not in row
+            response = row if truncated else row[: row.index(tok.eos_token_id) + 1]
+            prompt_ids = [t for t, m in zip(enc["input_ids"][p].tolist(), enc["attention_mask"][p].tolist()) if m]
+            rollouts.append(Rollout(prompt_offset + p, prompt_ids, response,
+                                    tok.decode(response, skip_special_tokens=True), truncated, self.version))
+        return rollouts
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Plain forward (used to check weight sync)."""
+        with torch.no_grad():
+            return self.model(input_ids=input_ids.to(self.device)).logits.cpu()
