@@ -46,7 +46,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -121,20 +120,16 @@ def run_ours(cfg, warmup: int) -> dict:
     """Our recipe end to end; per-step wall time from the moments it logs each step's metrics."""
     import ray
 
-    import train.rl.recipe
-    from train.__main__ import run
+    from train.rl.recipe import run
 
     stamps: list[float] = []
 
-    class ClockedLogger(train.rl.recipe.RunLogger):
-        def log(self, metrics, step):
-            super().log(metrics, step)
-            if "reward/total" in metrics:  # a step's metrics (not the final eval's)
-                stamps.append(time.perf_counter())
+    def clock(step: int, metrics: dict) -> None:
+        if "reward/total" in metrics:  # an update's step (not a skipped one)
+            stamps.append(time.perf_counter())
 
     start, load_before = time.perf_counter(), os.getloadavg()[0]
-    with mock.patch.object(train.rl.recipe, "RunLogger", ClockedLogger):
-        out = run(cfg)
+    out = run(cfg, on_step=clock)
     total = time.perf_counter() - start
     ray.shutdown()
     history = out["history"]
@@ -157,7 +152,7 @@ def run_ours(cfg, warmup: int) -> dict:
 
 def threads_of(cfg) -> tuple:
     """Torch threads per trainer rank and per rollout worker, as the recipe sets them."""
-    from train.rl.recipe import cpu_threads
+    from train.rl.startup import cpu_threads
 
     overlap = int(cfg.rollout.get("async_steps", 0)) == 1
     trainer, rollout = cpu_threads(os.cpu_count() or 1, cfg.trainer.world_size, cfg.rollout.num_workers, overlap,

@@ -1,17 +1,22 @@
 """Entry point: ``python -m train experiment=quickstart [key=value ...]``.
 
 Composes the Hydra config (configs/), picks the recipe named by ``algorithm.recipe`` and runs it.
-``--cfg job`` prints the composed config; ``--help`` lists the config groups.
+``--cfg job`` prints the composed config; ``--help`` lists the config groups. A bad config value, data row or
+path (``ValueError``/``KeyError``/``FileNotFoundError``, a trainer failure) prints one line naming the problem and
+exits with status 1; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -32,7 +37,29 @@ def main(cfg: DictConfig) -> None:
     if cfg.run_dir is None:
         with open_dict(cfg):
             cfg.run_dir = HydraConfig.get().runtime.output_dir
-    run(cfg)
+    try:
+        run(cfg)
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is bad input
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_user_error(err):
+            raise
+        sys.exit(f"error: {user_message(err)} (traceback: rerun with HYDRA_FULL_ERROR=1)")
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Bad input rather than a bug: a bad value or key, a missing file, a trainer failure (its message says how
+    to resume), or one of those raised while Hydra instantiated a config node."""
+    from train.workers.actors import TrainerFailure
+
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        return is_user_error(err.__cause__)
+    return isinstance(err, (ValueError, KeyError, FileNotFoundError, TrainerFailure))
+
+
+def user_message(err: BaseException) -> str:
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        return user_message(err.__cause__)
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # str(KeyError) adds quotes
+    return " ".join(str(message).split())  # one line
 
 
 if __name__ == "__main__":

@@ -61,3 +61,14 @@ def pack_update(rollouts, indices: list[int], num_batches: int, *, share_prompt:
         response_tokens = sum(sum(d.loss_mask) for d in documents)
         tokens = sum(len(d) for d in documents)
     return UpdateBatch(micro, [[indices[j] for j in m] for m in members], response_tokens, tokens, len(chosen))
+
+
+def pack_updates(rollouts, micro_batches: int, mini_batches: int, *, share_prompt: bool, group_size: int,
+                 row_tokens: int, attn_backend: str, pad_token_id: int, mask_truncated: bool) -> list[UpdateBatch]:
+    """The step's optimizer steps: ``mini_batches`` shares of whole groups (fewer when a DAPO step is short of
+    groups), each packed into ``micro_batches`` (world_size * micro_batches_per_rank) micro-batches."""
+    shares = mini_batch_shares(len(rollouts), group_size,
+                               min(mini_batches, len(rollouts) // group_size, len(rollouts) // micro_batches))
+    return [pack_update(rollouts, share, micro_batches, share_prompt=share_prompt, group_size=group_size,
+                        row_tokens=row_tokens, attn_backend=attn_backend, pad_token_id=pad_token_id,
+                        mask_truncated=mask_truncated) for share in shares]

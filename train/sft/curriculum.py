@@ -31,32 +31,16 @@ from data_pipelines.batching import PackedBatchStream
 from data_pipelines.loading import check_files, load_split, tokenize_rows
 from data_pipelines.packing import Document
 from data_pipelines.validation import validate_rows
+from train.run.lr_schedule import DECAYS, warmup_then_decay
 
 log = logging.getLogger(__name__)
 
-DECAYS = ("cosine", "linear", "constant")
 PHASE_KEYS = {"name", "mix", "steps", "epochs", "samples", "lr", "warmup_steps", "min_lr_ratio", "decay", "freeze", "unfreeze"}
 SYNTHETIC_KEYS = {f.name for f in dataclasses.fields(ArithmeticSpec)} | {"num_samples", "seed"}
 
 
 class CurriculumError(ValueError):
     pass
-
-
-def lr_factor(step: int, num_steps: int, warmup_steps: int, min_lr_ratio: float, decay: str) -> float:
-    """Multiplier of the peak lr at ``step`` (0-based) of a phase of ``num_steps``: linear warmup from 0 over
-    ``warmup_steps``, then ``cosine`` (half cosine to ``min_lr_ratio``), ``linear`` (to ``min_lr_ratio``) or
-    ``constant``. The cosine arithmetic is transformers' ``get_cosine_with_min_lr_schedule_with_warmup``'s, so a
-    one-phase plan reproduces the old scheduler to the bit."""
-    if step < warmup_steps:
-        return float(step) / float(max(1, warmup_steps))
-    progress = float(step - warmup_steps) / float(max(1, num_steps - warmup_steps))
-    if decay == "constant":
-        return 1.0
-    if decay == "linear":
-        return max(0.0, 1.0 - (1.0 - min_lr_ratio) * min(progress, 1.0))
-    factor = 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress))
-    return max(0, factor * (1 - min_lr_ratio) + min_lr_ratio)
 
 
 @dataclass
@@ -79,10 +63,10 @@ class Phase:
     def end(self) -> int:
         return self.start + self.steps
 
-    def lr_at(self, step: int) -> float:
-        """The lr of global step ``step`` (0-based, inside this phase)."""
-        return self.lr * lr_factor(step - self.start, self.schedule_steps or self.steps, self.warmup_steps,
-                                   self.min_lr_ratio, self.decay)
+    def lr_schedule(self, optimizer):
+        """This phase's schedule on ``optimizer`` (train/run/lr_schedule.py), at the phase's first step."""
+        return warmup_then_decay(optimizer, self.lr, self.warmup_steps, self.schedule_steps or self.steps,
+                                 self.min_lr_ratio, self.decay)
 
 
 def phase_at(phases: list[Phase], step: int) -> Phase:

@@ -22,6 +22,7 @@ from train.run.config_checks import check_sft
 from train.models.evaluate import evaluate
 from train.models.forward import sft_loss_sum
 from train.models.model_zoo import load_model, load_tokenizer, resolve_model_path
+from train.run.lr_schedule import restore as lr_schedule_restore
 from train.run.run_logger import RunLogger
 from train.models.runtime import autocast, resolve_device, resolve_precision, seed_everything
 
@@ -29,17 +30,15 @@ log = logging.getLogger(__name__)
 
 
 def build_optimizer(model, trainer_cfg):
-    """AdamW; its lr is set before every step from the phase's schedule (train/sft/curriculum.py)."""
+    """AdamW; its lr follows the phase's schedule (train/sft/curriculum.py, train/run/lr_schedule.py)."""
     return torch.optim.AdamW(
         model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas), weight_decay=trainer_cfg.weight_decay
     )
 
 
-def train_step(model, stream, optimizer, lr, cfg, device, dtype) -> dict:
-    """One optimizer step at learning rate ``lr`` over ``grad_accum`` packed micro-batches; the loss is the mean
+def train_step(model, stream, optimizer, cfg, device, dtype) -> dict:
+    """One optimizer step (at the optimizer's lr) over ``grad_accum`` packed micro-batches; the loss is the mean
     over all their loss tokens, exactly as if they were one batch."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     batches = [stream.next() for _ in range(cfg.trainer.grad_accum)]
     loss_tokens = sum(b.num_loss_tokens for b in batches)
     total_loss = 0.0
@@ -85,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
     model = load_model(resume_from or model_path, cfg.model.attn_backend, torch.float32, device)
     model.train()
     optimizer = build_optimizer(model, cfg.trainer)
-    step = 0
+    step, saved_schedule = 0, None
     if resume_from is not None:
         state = checkpoint.load_trainer_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
@@ -95,6 +94,7 @@ def run(cfg: DictConfig) -> dict:
             raise ValueError(f"checkpoint {resume_from} is in phase {state.get('phase', 0)} but curriculum.phases puts "
                              f"step {step} in phase {phase.index}: the curriculum changed since; resume with the same config")
         phase.stream.load_state_dict(state["data"])
+        saved_schedule = state.get("lr_schedule")  # None at a phase boundary: the phase starts its own
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (phase %d %s)", resume_from, step, phase.index, phase.name)
 
@@ -109,9 +109,11 @@ def run(cfg: DictConfig) -> dict:
 
     def save():
         phase = curriculum.phase_at(phases, step)  # the phase of the next step, and its data position
+        schedule_state = lr_schedule.state_dict() if lr_schedule is not None and step < phase_end else None
         return checkpoint.save(
             run_dir, step, model, tokenizer,
-            {"optimizer": optimizer.state_dict(), "phase": phase.index, "data": phase.stream.state_dict()},
+            {"optimizer": optimizer.state_dict(), "lr_schedule": schedule_state, "phase": phase.index,
+             "data": phase.stream.state_dict()},
             cfg.trainer.keep_last,
         )
 
@@ -130,17 +132,25 @@ def run(cfg: DictConfig) -> dict:
         logger.log(result, step)
         return result
 
-    history, eval_result, phase = [], {}, None
+    history, eval_result, phase, lr_schedule, phase_end = [], {}, None, None, 0
     progress = tqdm(total=num_steps, initial=step, desc="sft", dynamic_ncols=True)
     while step < num_steps:
         if phase is None or step >= phase.end:
             phase = curriculum.phase_at(phases, step)
             frozen = curriculum.apply_freeze(model, phase)
+            lr_schedule, phase_end = phase.lr_schedule(optimizer), phase.end
+            if saved_schedule is not None:
+                lr_schedule_restore(lr_schedule, saved_schedule)
+            elif step > phase.start:  # a checkpoint from before schedules were saved
+                for _ in range(step - phase.start):
+                    lr_schedule.step()
+            saved_schedule = None
             if is_curriculum:
                 progress.write(f"step {step}: phase {phase.index} {phase.name!r} ({phase.steps} steps, peak lr "
                                f"{phase.lr:g}, {frozen} parameter tensors frozen)")
         start = time.perf_counter()
-        metrics = train_step(model, phase.stream, optimizer, phase.lr_at(step), cfg, device, dtype)
+        metrics = train_step(model, phase.stream, optimizer, cfg, device, dtype)
+        lr_schedule.step()
         step += 1
         metrics["perf/tokens_per_s"] = metrics["perf/tokens"] / (time.perf_counter() - start)
         metrics["train/epoch"] = phase.stream.epoch + phase.stream.index / max(phase.stream.batches_per_epoch(), 1)

@@ -76,10 +76,9 @@ class TrainerGroup:
         n = len(items) // self.world_size
         return [items[i * n : (i + 1) * n] for i in range(self.world_size)]
 
-    def train_step(self, batches: list, loss_fn, normaliser: float, extras: list[dict],
-                   keep_gradients: bool = False) -> list[dict]:
+    def train_step(self, batches: list, loss_fn, extras: list[dict], keep_gradients: bool = False) -> list[dict]:
         return self._get([
-            rank.train_step.remote(b, loss_fn, normaliser, e, keep_gradients)
+            rank.train_step.remote(b, loss_fn, e, keep_gradients)
             for rank, b, e in zip(self.ranks, self.shard(batches), self.shard(extras))
         ], "the policy update")
 
@@ -100,8 +99,9 @@ class TrainerGroup:
     def load_state(self, path: str) -> None:
         self._get([rank.load_state.remote(path) for rank in self.ranks], "resume")
 
-    def set_lr(self, lr: float) -> None:
-        self._get([rank.set_lr.remote(lr) for rank in self.ranks], "set_lr")
+    def advance_lr_schedule(self) -> float:
+        """End of an RL step: every rank's schedule moves on; returns the lr the step used."""
+        return self._get([rank.advance_lr_schedule.remote() for rank in self.ranks], "the lr schedule")[0]
 
     def shutdown(self) -> None:
         for rank in self.ranks:

@@ -3,12 +3,10 @@
 A group of these (Ray actors, see train/workers/actors.py) forms one world: gloo on CPU (``DS_ACCELERATOR=cpu``),
 NCCL on GPU. Each rank computes log-probs and losses on its share of packed micro-batches through the same
 forward code as SFT (train/models/forward.py). The loss handed to DeepSpeed is scaled so that, after DeepSpeed's
-mean over ranks and over gradient-accumulation steps, the gradient is exactly that of
-
-    loss = sum over all loss tokens of the global batch / normaliser
-
-whatever the number of ranks, micro-batches or tokens per micro-batch (the normaliser is chosen by the caller:
-the global loss-token count for token-mean aggregation, a constant for Dr.GRPO, ...).
+mean over ranks and over gradient-accumulation steps, the gradient is exactly that of the sum of the micro-batch
+losses of the global batch, whatever the number of ranks or micro-batches (each loss is already divided by the
+global normaliser the aggregation chooses: the loss-token count for token-mean, a constant for Dr.GRPO, ...).
+The lr follows train/run/lr_schedule.py, one step per RL step; its state is saved with the optimizer's.
 """
 
 from __future__ import annotations
@@ -21,6 +19,8 @@ import torch
 from data_pipelines.packing import PackedBatch
 from train.models.forward import token_logprobs
 from train.models.model_zoo import load_model
+from train.run.lr_schedule import restore as restore_lr_schedule
+from train.run.lr_schedule import warmup_then_decay
 
 
 def deepspeed_config(trainer_cfg: dict, world_size: int, micro_batches_per_rank: int, on_gpu: bool) -> dict:
@@ -94,6 +94,10 @@ class PolicyTrainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.config
         )
+        # the torch optimizer under DeepSpeed's ZeRO wrapper holds the param groups whose lr the schedule sets
+        self.lr_schedule = warmup_then_decay(self.engine.basic_optimizer, float(trainer_cfg["lr"]),
+                                             int(trainer_cfg.get("warmup_steps", 0)), int(trainer_cfg.get("max_steps", 1)),
+                                             float(trainer_cfg.get("min_lr_ratio", 1.0)))
         self.last_gradients: dict[str, torch.Tensor] | None = None
         self.version = 0  # bumped at every optimizer step; rollouts record the version that generated them
 
@@ -106,18 +110,18 @@ class PolicyTrainer:
         self.engine.train()
         return out
 
-    def train_step(self, batches: list[PackedBatch], loss_fn: Callable, normaliser: float, extras: list[dict],
+    def train_step(self, batches: list[PackedBatch], loss_fn: Callable, extras: list[dict],
                    keep_gradients: bool = False) -> dict:
         """One optimizer step over this rank's micro-batches.
 
-        ``loss_fn(logprobs, entropy, batch, extra) -> (loss_sum, stats)`` returns the *sum* of per-token losses
-        of the micro-batch (shape []); it is divided by ``normaliser`` (the same on every rank) and rescaled to
-        undo DeepSpeed's averaging, so the update equals one step on the whole global batch.
+        ``loss_fn(logprobs, entropy, batch, extra) -> (loss, stats)`` returns the micro-batch's share of the
+        global loss (shape []); it is rescaled to undo DeepSpeed's averaging, so the update equals one step on
+        the whole global batch.
         ``keep_gradients`` keeps the full reduced gradient of the step (before clipping) for ``gradients()``.
         """
         if len(batches) != self.engine.gradient_accumulation_steps():
             raise ValueError(f"rank {self.rank} got {len(batches)} micro-batches, expected {self.engine.gradient_accumulation_steps()}")
-        scale = self.world_size * self.engine.gradient_accumulation_steps() / normaliser
+        scale = self.world_size * self.engine.gradient_accumulation_steps()
         totals: dict[str, float] = {}
         grad_norm = None
         for index, (batch, extra) in enumerate(zip(batches, extras)):
@@ -139,8 +143,13 @@ class PolicyTrainer:
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        totals["lr"] = self.optimizer.param_groups[0]["lr"]
         return totals
+
+    def advance_lr_schedule(self) -> float:
+        """End of an RL step: the lr its updates used; the schedule moves to the next step's."""
+        used = self.lr_schedule.get_last_lr()[0]
+        self.lr_schedule.step()
+        return used
 
     def _full_gradients(self) -> dict[str, torch.Tensor] | None:
         """The reduced gradient of every parameter on rank 0 (between the last backward and the optimizer step;
@@ -167,15 +176,14 @@ class PolicyTrainer:
                     state[name] = param.detach().cpu().clone()
         return state if self.rank == 0 else None
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     # -- checkpoints -------------------------------------------------------------------------------------------
     def save_state(self, path: str) -> None:
-        """DeepSpeed state (sharded optimizer, lr scheduler, step) under ``path/deepspeed``; every rank calls."""
-        self.engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state", client_state={"version": self.version})
+        """DeepSpeed state (sharded optimizer, step) and the lr schedule under ``path/deepspeed``; every rank calls."""
+        self.engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state",
+                                    client_state={"version": self.version, "lr_schedule": self.lr_schedule.state_dict()})
 
     def load_state(self, path: str) -> None:
         _, client = self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state")
         self.version = int((client or {}).get("version", 0))
+        if (client or {}).get("lr_schedule") is not None:
+            restore_lr_schedule(self.lr_schedule, client["lr_schedule"])

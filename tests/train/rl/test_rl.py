@@ -132,7 +132,7 @@ def test_async_rollouts_are_one_version_old_and_overlap_the_update(compose, tmp_
     ],
 )
 def test_cpu_thread_split(cores, world, workers, overlap, expected):
-    from train.rl.recipe import cpu_threads
+    from train.rl.startup import cpu_threads
 
     assert cpu_threads(cores, world, workers, overlap, "colocated") == expected
     assert cpu_threads(cores, world, workers, overlap, "disaggregated") == (None, None)
@@ -260,7 +260,7 @@ def test_samplers_get_the_prompts_as_objects(compose, sampler):
     (reward functions such as Bingo's exact-label scorer read list metadata)."""
     from data_pipelines.arithmetic import ArithmeticSpec, generate
     from data_pipelines.prompts import Prompt, to_prompts
-    from train.rl.recipe import make_sampler
+    from train.rl.setup import make_sampler
 
     cfg = compose(["experiment=quickstart_rl", f"sampler={sampler}"])
     prompts = to_prompts(generate(ArithmeticSpec(verbosity=1.0), 12, seed=3))

@@ -8,11 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from data_pipelines.batching import PackedBatchStream
 from train.__main__ import run
-from train.sft.curriculum import CurriculumError, lr_factor
+from train.sft.curriculum import CurriculumError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,14 +144,3 @@ def test_bad_curriculum_fails_before_any_work_naming_the_key(compose, tmp_path, 
     with pytest.raises(CurriculumError, match=message):
         run(cfg)
     assert not any((tmp_path / "run").glob("*"))  # nothing written: no data, model, logger or checkpoint
-
-
-def test_cosine_phase_schedule_equals_the_transformers_scheduler():
-    """A one-phase plan must reproduce the old SFT scheduler exactly (bit-for-bit losses of plain runs)."""
-    model = torch.nn.Linear(1, 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 50, 1500, min_lr_rate=0.1)
-    for step in range(1500):
-        assert optimizer.param_groups[0]["lr"] == 3e-3 * lr_factor(step, 1500, 50, 0.1, "cosine")
-        optimizer.step()
-        scheduler.step()

@@ -1,6 +1,7 @@
 """One policy update on 2 DeepSpeed ranks (ZeRO-1/2/3, gloo on CPU) equals a single-process update."""
 
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -24,11 +25,11 @@ def ray_session():
     ray.shutdown()
 
 
-def _policy_gradient_sum(logprobs, entropy, batch, extra):
-    """sum_t -A_doc * log pi over loss tokens: enough structure to make every rank's share differ."""
+def _policy_gradient(logprobs, entropy, batch, extra, normaliser):
+    """sum_t -A_doc * log pi over loss tokens / normaliser: enough structure to make every rank's share differ."""
     mask = (batch.labels[:, 1:] != IGNORE_INDEX).float()
     advantage = extra["advantage"][batch.doc_ids[:, 1:].clamp(min=0)] * mask
-    return -(advantage * logprobs).sum(), {"tokens": mask.sum()}
+    return -(advantage * logprobs).sum() / normaliser, {"tokens": mask.sum()}
 
 
 def _batches(tokenizer):
@@ -70,7 +71,7 @@ def test_zero_stages_match_single_process(ray_session, model_cache, tiny_tokeniz
     reference = None
     for world, stage in [(1, 0), (2, 1), (2, 2), (2, 3)]:
         group = TrainerGroup(world, path, "sdpa", {**TRAINER, "zero_stage": stage}, micro_batches_per_rank=4 // world)
-        stats = group.train_step(batches, _policy_gradient_sum, normaliser, extras, keep_gradients=True)
+        stats = group.train_step(batches, partial(_policy_gradient, normaliser=normaliser), extras, keep_gradients=True)
         grads, weights = group.gradients(), group.full_state_dict()
         group.shutdown()
         assert sum(s["tokens"] for s in stats) == normaliser
@@ -102,7 +103,7 @@ def test_weight_sync_makes_rollout_logits_equal_the_trainers(ray_session, model_
     first_doc = int((batches[0].doc_ids[0] == 0).sum())
     ids = batches[0].input_ids[:1, :first_doc]  # the first document of the packed row, alone
     before = ray.get(worker.logits.remote(ids))
-    group.train_step(batches, _policy_gradient_sum, normaliser, extras)
+    group.train_step(batches, partial(_policy_gradient, normaliser=normaliser), extras)
     weights = group.full_state_dict()  # gathered from ZeRO-3 shards
     assert ray.get(worker.load_weights.remote(weights, 1)) == 1
     after = ray.get(worker.logits.remote(ids))

@@ -1,0 +1,58 @@
+"""Start-up is also the only teardown: every exit from the ``with`` block (an error, Ctrl-C) stops every actor
+and removes the placement group; a step hook sees every step without patching."""
+
+import dataclasses
+
+import pytest
+
+from tests.train.rl.test_rl import FAST_RL, VARIED_REWARD, ray_cleanup  # noqa: F401 - fixture
+
+
+def _gone(handle) -> bool:
+    import ray
+
+    try:
+        ray.get(handle.__ray_ready__.remote(), timeout=60)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_leaving_the_block_stops_every_actor_and_the_placement_group(compose, ray_cleanup, monkeypatch, interrupt):  # noqa: F811
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    import train.workers.placement
+    from train.models.model_zoo import resolve_model_path
+    from train.rl.startup import init_ray, start_actors
+
+    # AAPO (momentum rollout workers) with a KL reference model and a reward worker: every kind of actor
+    cfg = compose(FAST_RL + ["algorithm=aapo", "algorithm.kl.beta=0.01", "trainer.world_size=1"])
+    path = str(resolve_model_path(cfg.model))
+    # CPU runs reserve no placement group (GPU colocated runs do): give the plan a real one to be removed
+    init_ray(cfg.cluster)
+    group = placement_group([{"CPU": 0.1}])
+    ray.get(group.ready(), timeout=60)
+    real_plan = train.workers.placement.plan
+    monkeypatch.setattr(train.workers.placement, "plan", lambda *a, **k: dataclasses.replace(real_plan(*a, **k), group=group))
+    with pytest.raises(interrupt):
+        with start_actors(cfg, path, path, None, kl_beta=0.01) as actors:
+            handles = [*actors.trainer.ranks, *actors.rollout_pool.workers, *actors.momentum_pool.workers,
+                       actors.reference, *actors.rewards.workers]
+            assert not any(_gone(h) for h in handles)  # all started
+            raise interrupt("stop")
+    assert len(handles) == 1 + 1 + 1 + 1 + 1
+    assert all(_gone(h) for h in handles)
+    assert placement_group_table(group)["state"] == "REMOVED"
+    ray.shutdown()
+
+
+def test_on_step_sees_every_step_with_its_metrics(compose, tmp_path, ray_cleanup):  # noqa: F811
+    from train.rl.recipe import run
+
+    seen = []
+    out = run(compose(FAST_RL + VARIED_REWARD + ["trainer.save_every=0", f"run_dir={tmp_path}/rl"]),
+              on_step=lambda step, metrics: seen.append((step, metrics["reward/total"])))
+    assert [s for s, _ in seen] == [1, 2]
+    assert [r for _, r in seen] == [h["reward/total"] for h in out["history"]]

@@ -1,0 +1,89 @@
+"""The RL algorithm's parts as the step uses them, instantiated from ``cfg.algorithm`` (the math is in algorithms/):
+advantages, the loss run on each trainer rank, DAPO's group filter and overlong shaping, KL folded into the reward,
+AAPO's momentum update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import instantiate
+
+from train.models.forward import per_document
+
+
+class PackedLoss:
+    """The objective on packed rows, run on each trainer rank: per-document tensors, then ``objective``.
+    ``normalizer`` is the global count the aggregation divides by, so micro-batch losses add up exactly."""
+
+    def __init__(self, objective, normalizer: float):
+        self.objective, self.normalizer = objective, normalizer
+
+    def __call__(self, logprobs, entropy, batch, extra):
+        lp, mask = per_document(logprobs, batch)  # [docs, resp_len]
+        ent, _ = per_document(entropy, batch)
+        width = lp.shape[1]
+        # no recorded pi_old: one update from the weights that sampled, so pi_old is pi itself (ratio exactly 1)
+        old = extra["old_logprobs"][:, :width] if extra["old_logprobs"] is not None else lp.detach()
+        ref = extra["ref_logprobs"][:, :width] if extra.get("ref_logprobs") is not None else None
+        loss, metrics = self.objective(lp, old, extra["advantages"], mask, ref_logprobs=ref, normalizer=self.normalizer)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["entropy_sum"] = float((ent * mask).sum())
+        metrics["tokens"] = float(mask.sum())
+        return loss, metrics
+
+
+@dataclass
+class Algorithm:
+    group_size: int
+    advantage_fn: object
+    objective: object
+    token_mean: bool  # the aggregation divides by response tokens (else by samples)
+    mask_truncated: bool  # DAPO: truncated responses carry no loss
+    dynamic_sampling: object | None  # DAPO: (rewards, group_size) -> (keep mask, dropped groups)
+    overlong_penalty: object | None  # DAPO: lengths -> reward shaping
+    kl_beta: float
+    kl_reward: object | None  # kl.placement=reward: (rewards, old, ref, mask) -> rewards
+    momentum_update: object | None  # AAPO: EMA of the momentum model's weights
+
+    @classmethod
+    def from_config(cls, a_cfg) -> "Algorithm":
+        kl_beta = float(a_cfg.kl.beta)
+        return cls(
+            group_size=int(a_cfg.group_size),
+            advantage_fn=instantiate(a_cfg.advantage),
+            objective=instantiate(a_cfg.loss),
+            token_mean=a_cfg.loss.aggregation.get("mode", "token-mean") == "token-mean",
+            mask_truncated=bool(a_cfg.get("mask_truncated", False)),
+            dynamic_sampling=instantiate(a_cfg.dynamic_sampling) if a_cfg.get("dynamic_sampling") else None,
+            overlong_penalty=instantiate(a_cfg.overlong_penalty) if a_cfg.get("overlong_penalty") else None,
+            kl_beta=kl_beta,
+            kl_reward=instantiate(a_cfg.kl_reward) if a_cfg.kl.placement == "reward" and kl_beta > 0 else None,
+            momentum_update=instantiate(a_cfg.momentum) if a_cfg.get("momentum") else None,
+        )
+
+    def loss(self, update) -> PackedLoss:
+        """The loss of one optimizer step's micro-batches (``update``: train/rl/update_batches.py UpdateBatch)."""
+        return PackedLoss(self.objective, float(update.response_tokens if self.token_mean else update.samples))
+
+    def advantages(self, rewards: torch.Tensor, momentum_rewards: torch.Tensor | None) -> torch.Tensor:
+        """[num_rollouts]; AAPO also reads the momentum model's rewards of the same prompts."""
+        if momentum_rewards is not None:
+            return self.advantage_fn(rewards, self.group_size, momentum_rewards)
+        return self.advantage_fn(rewards, self.group_size)
+
+    def kl_into_rewards(self, rewards: torch.Tensor, updates, logprobs) -> torch.Tensor:
+        """kl.placement=reward: r_i - beta * sum_t kl_it on the sampling-time log-probs; else the rewards."""
+        if self.kl_reward is None:
+            return rewards
+        rewards = rewards.clone()
+        for update, old, ref, masks in zip(updates, logprobs.old, logprobs.ref, logprobs.masks):
+            for members, o, rf, mask in zip(update.members, old, ref, masks):
+                rewards[members] = self.kl_reward(rewards[members], o, rf, mask)
+        return rewards
+
+    def needs_old_logprobs(self, optimizer_steps: int) -> bool:
+        """pi_old needs its own forward only when the update cannot produce it: several optimizer steps per
+        rollout batch (later ones see moved weights) or KL folded into the reward (needed before the
+        advantages). With one step the update's own log-probs, detached, are exactly pi_old (as in TRL)."""
+        return optimizer_steps > 1 or self.kl_reward is not None

@@ -1,0 +1,118 @@
+"""Start-up and teardown of every Ray actor of an RL run, as one context manager.
+
+Actors start in dependency order (placement group, reward workers, trainer group, rollout workers, reference
+model, AAPO's momentum rollout workers); leaving the ``with`` block by any path (the end of the run, an error,
+Ctrl-C) closes the reward functions and stops each of them, last started first. Where each actor runs:
+train/workers/placement.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cluster_cfg) -> None:
+    """Connect to the cluster of ``cluster.ray_address``, or start a local Ray (``cluster.ray_num_cpus``)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if cluster_cfg.get("ray_address"):
+        ray.init(address=cluster_cfg.ray_address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cluster_cfg.get("ray_num_cpus") or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+
+def cpu_threads(cores: int, world_size: int, num_workers: int, overlap: bool, placement_mode: str) -> tuple[int | None, int | None]:
+    """Torch threads (per trainer rank, per rollout worker) on a CPU machine of ``cores`` cores.
+
+    Colocated and on-policy, generation and update alternate: each gets every core in turn. With
+    ``overlap`` (rollout.async_steps=1) they run at the same time: the cores are split in half. Disaggregated:
+    None, i.e. Ray's setting for an actor that holds CPUs of its own (OMP_NUM_THREADS = its num_cpus)."""
+    if placement_mode != "colocated":
+        return None, None
+    if not overlap:
+        return max(1, cores // world_size), max(1, cores // num_workers)
+    rollout_cores = max(1, cores // 2)
+    return max(1, (cores - rollout_cores) // world_size), max(1, rollout_cores // num_workers)
+
+
+@dataclass
+class RLActors:
+    """The running actors. ``rewards``: the reward worker pool, or the reward functions themselves when
+    ``rollout.reward_workers=0`` (``rewards_in_workers`` False); same call signature either way."""
+
+    trainer: object  # TrainerGroup
+    rollout_pool: object  # RolloutPool
+    momentum_pool: object | None  # AAPO: RolloutPool of the momentum model
+    reference: object | None  # ReferenceWorker actor (KL)
+    rewards: object
+    rewards_in_workers: bool
+
+
+def _stop(what: str, call) -> None:
+    """Teardown goes on past an actor that is already gone (e.g. the rank whose failure stopped the run)."""
+    try:
+        call()
+    except Exception as err:  # noqa: BLE001 - teardown must reach every actor
+        log.warning("while stopping %s: %s: %s", what, type(err).__name__, err)
+
+
+@contextmanager
+def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta: float):
+    """Yield ``RLActors`` for ``cfg``; the trainer and rollout workers load ``start_path`` (a checkpoint when
+    resuming), the reference and momentum models ``model_path``. ``driver_rewards``: the reward functions, built
+    in the driver when ``rollout.reward_workers=0`` (else None: reward workers start here)."""
+    from train.workers.actors import RolloutPool, TrainerGroup
+    from train.workers.placement import plan
+    from train.workers.reference_worker import ReferenceWorker
+    from train.workers.reward_workers import RewardPool
+
+    import ray
+
+    t_cfg, r_cfg = cfg.trainer, cfg.rollout
+    init_ray(cfg.cluster)
+    momentum_workers = r_cfg.num_workers if cfg.algorithm.get("momentum_rollout") else 0
+    overlap = int(r_cfg.get("async_steps", 0)) == 1
+    trainer_threads, rollout_threads = None, None
+    if not torch.cuda.is_available() and not cfg.cluster.get("ray_address"):
+        cores = int(cfg.cluster.get("ray_num_cpus") or os.cpu_count() or 1)
+        trainer_threads, rollout_threads = cpu_threads(cores, t_cfg.world_size, r_cfg.num_workers + momentum_workers,
+                                                       overlap, cfg.cluster.placement)
+    trainer_threads = t_cfg.get("num_threads") or trainer_threads
+    rollout_threads = r_cfg.get("num_threads") or rollout_threads
+
+    with ExitStack() as stack:
+        places = plan(cfg.cluster.placement, torch.cuda.is_available(), t_cfg.world_size, r_cfg.num_workers, momentum_workers)
+        stack.callback(_stop, "the placement group", places.remove)
+        rewards = driver_rewards
+        if rewards is None:  # rewards are computed after generation: the rollout workers' threads are free then
+            rewards = RewardPool(int(r_cfg.get("reward_workers", 1)), OmegaConf.to_container(cfg.reward, resolve=True),
+                                 places.reward, num_threads=rollout_threads)
+            stack.callback(_stop, "the reward workers", rewards.shutdown)
+        stack.callback(_stop, "the reward functions", rewards.close)
+        trainer = TrainerGroup(t_cfg.world_size, start_path, cfg.model.attn_backend, OmegaConf.to_container(t_cfg),
+                               t_cfg.micro_batches_per_rank, cfg.seed, places.trainer, num_threads=trainer_threads)
+        stack.callback(_stop, "the trainer group", trainer.shutdown)
+        rollout_pool = RolloutPool(r_cfg.num_workers, start_path, cfg.seed, places.rollout, backend=r_cfg.backend,
+                                   num_threads=rollout_threads)
+        stack.callback(_stop, "the rollout workers", rollout_pool.shutdown)
+        reference = None
+        if kl_beta > 0:
+            reference = ray.remote(ReferenceWorker).options(**places.reference).remote(model_path, cfg.model.attn_backend)
+            stack.callback(_stop, "the reference model", lambda: ray.kill(reference))
+        momentum_pool = None
+        if momentum_workers:  # AAPO: the momentum model starts as the initial policy
+            momentum_pool = RolloutPool(r_cfg.num_workers, model_path, cfg.seed + 7_919, places.momentum,
+                                        backend=r_cfg.backend, num_threads=rollout_threads)
+            stack.callback(_stop, "the momentum rollout workers", momentum_pool.shutdown)
+        yield RLActors(trainer, rollout_pool, momentum_pool, reference, rewards, rewards_in_workers=driver_rewards is None)
