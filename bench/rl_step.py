@@ -107,8 +107,8 @@ def step_prompts(cfg, num_steps: int) -> list[list]:
 
 def model_path_of(cfg) -> str:
     """The weights both sides start from (a run directory means its latest checkpoint, as in the recipe)."""
-    from train.run.checkpoint import resolve_model_dir
     from train.models.model_zoo import resolve_model_path
+    from train.run.checkpoint import resolve_model_dir
 
     if cfg.model.get("path"):
         return str(resolve_model_dir(cfg.model.path))

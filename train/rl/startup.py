@@ -72,12 +72,12 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
     """Yield ``RLActors`` for ``cfg``; the trainer and rollout workers load ``start_path`` (a checkpoint when
     resuming), the reference and momentum models ``model_path``. ``driver_rewards``: the reward functions, built
     in the driver when ``rollout.reward_workers=0`` (else None: reward workers start here)."""
+    import ray
+
     from train.workers.actors import RolloutPool, TrainerGroup
     from train.workers.placement import plan
     from train.workers.reference_worker import ReferenceWorker
     from train.workers.reward_workers import RewardPool
-
-    import ray
 
     t_cfg, r_cfg = cfg.trainer, cfg.rollout
     init_ray(cfg.cluster)

@@ -15,16 +15,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from train.run import checkpoint
-
-from train.sft import curriculum
-from train.run.config_checks import check_sft
 from train.models.evaluate import evaluate
 from train.models.forward import sft_loss_sum
 from train.models.model_zoo import load_model, load_tokenizer, resolve_model_path
+from train.models.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from train.run import checkpoint
+from train.run.config_checks import check_sft
 from train.run.lr_schedule import restore as lr_schedule_restore
 from train.run.run_logger import RunLogger
-from train.models.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from train.sft import curriculum
 
 log = logging.getLogger(__name__)
 

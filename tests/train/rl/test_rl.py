@@ -206,8 +206,8 @@ def test_trainer_failure_stops_with_a_clear_message_and_keeps_the_last_checkpoin
 
     import ray
 
-    from train.workers.actors import TrainerFailure
     from train.run.checkpoint import latest
+    from train.workers.actors import TrainerFailure
 
     run_dir = tmp_path / "fail"
     cfg = compose(FAST_RL + ["trainer.max_steps=40", "trainer.world_size=2", "trainer.zero_stage=1", f"run_dir={run_dir}"])

@@ -61,8 +61,8 @@ def test_zero_stages_match_single_process(ray_session, model_cache, tiny_tokeniz
       reduction-order noise by up to 1/eps, so an elementwise rtol cannot hold; the bound is 1% of lr, the
       largest possible step (measured: 1.4e-6 at lr 1e-2, i.e. 1.4e-4 of lr).
     """
-    from train.workers.actors import TrainerGroup
     from train.models.model_zoo import load_model
+    from train.workers.actors import TrainerGroup
 
     cfg = OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": {"vocab_size": 384, "seed": 5, "arch": TEST_ARCH}})
     path = str(resolve_model_path(cfg))
