@@ -20,7 +20,7 @@ BINGO = {
     "correctness": {"_target_": "rewards.correctness.CorrectnessReward", "weight": 1.0},
     # schedule from step 0: w_e moves every step, so a lost schedule state changes the rewards
     "bingo": {"_target_": "rewards.bingo.BingoLengthReward", "weight": 1.0, "schedule_start_step": 0,
-              "scorer": {"_target_": "rewards.significance.ExactLabelScorer"}},
+              "scorer": {"_target_": "rewards.significance.ExactLabelScorer", "filler_sentences": list(FILLER_SENTENCES)}},
 }
 
 
