@@ -134,3 +134,11 @@ def test_scoring_started_on_a_running_generation_equals_a_plain_call(ray_session
     assert pool.restarts == 0
     pool.close()
     pool.shutdown()
+
+
+def test_init_ray_joins_the_running_instance(ray_session):
+    from train.workers.ray_session import init_ray
+
+    before = ray.get_runtime_context().get_node_id()
+    init_ray()  # already started in this process: nothing changes
+    assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == before
