@@ -52,7 +52,10 @@ def overlong_penalty(
 
 
 def mask_truncated(response_mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
-    """Zero the mask rows of truncated responses (no EOS within the budget) -> [batch, resp_len]."""
+    """DAPO overlong filtering (sec. 3.4): a response cut by the budget (no EOS) gets no loss.
+
+        m'_{i,t} = m_{i,t} * (1 - truncated_i)       -> [batch, resp_len], the dtype of ``response_mask``
+    """
     if truncated.shape != response_mask.shape[:1]:
         raise ValueError(f"truncated must be [batch]={response_mask.shape[0]}, got {tuple(truncated.shape)}")
     return response_mask * (~truncated.bool()).unsqueeze(1).to(response_mask.dtype)

@@ -20,6 +20,7 @@ from algorithms.advantages import group_relative_advantages
 from algorithms.aggregation import aggregate_loss
 from algorithms.objective import policy_objective
 from algorithms.policy_losses import advantage_weighted_ce, clipped_surrogate
+from data_pipelines.arithmetic import FILLER_SENTENCES
 from rewards.bingo import BingoLengthReward
 from rewards.correctness import CorrectnessReward
 from rewards.format import format_reward
@@ -36,8 +37,6 @@ def timed(fn, repeats: int = 3) -> float:
 
 
 def make_responses(batch: int, words: int) -> tuple[list[str], list[dict]]:
-    from data_pipelines.arithmetic import FILLER_SENTENCES
-
     step = "9+5+0=14, write 4 carry 1."
     responses, metadata = [], []
     for i in range(batch):
@@ -95,7 +94,7 @@ def main() -> None:
     response_ids = [list(range(T))] * B
     correctness = CorrectnessReward(time_limit_s=5.0)
     components = {"correctness": rewards}
-    bingo = BingoLengthReward(ExactLabelScorer())
+    bingo = BingoLengthReward(ExactLabelScorer(FILLER_SENTENCES))
     rows += [
         ("reward correctness (math-verify, 1 worker process)", lambda: correctness(None, responses, response_ids, metadata)),
         ("reward format", lambda: format_reward(None, responses, response_ids, metadata)),

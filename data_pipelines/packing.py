@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from algorithms import group_filters
+
 IGNORE_INDEX = -100
 
 
@@ -79,6 +81,29 @@ class PackedBatch:
     def to(self, device) -> "PackedBatch":
         tensors = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
         return PackedBatch(**{**vars(self), **tensors})
+
+
+def response_loss_masks(lengths: list[int], truncated: list[bool], mask_truncated: bool = False) -> list[list[bool]]:
+    """Loss flags of the tokens of responses of ``lengths`` tokens: all True, except that with ``mask_truncated`` a
+    response cut by the budget gets none (DAPO overlong filtering, algorithms.group_filters.mask_truncated)."""
+    width = max(lengths, default=0)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths, dtype=torch.long)[:, None]  # [responses, width]
+    if mask_truncated:
+        mask = group_filters.mask_truncated(mask, torch.tensor(truncated, dtype=torch.bool))
+    return [row[:n].tolist() for row, n in zip(mask, lengths)]
+
+
+def balanced_bins(sizes: list[int], num_bins: int) -> list[list[int]]:
+    """Indices of ``sizes`` split into ``num_bins`` bins of near-equal totals: largest first, each into the
+    lightest bin (the lower index on ties; Graham's LPT rule, within 4/3 of the best largest bin). Each bin's
+    indices in input order; a bin stays empty when there are fewer sizes than bins (callers check)."""
+    bins: list[list[int]] = [[] for _ in range(num_bins)]
+    loads = [0] * num_bins
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        b = min(range(num_bins), key=lambda b: (loads[b], b))
+        bins[b].append(i)
+        loads[b] += sizes[i]
+    return [sorted(members) for members in bins]
 
 
 def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
@@ -156,15 +181,8 @@ def pack_balanced(documents: list[Document], num_batches: int, row_tokens: int, 
     ranks x gradient-accumulation steps)."""
     if len(documents) < num_batches:
         raise ValueError(f"{len(documents)} documents cannot fill {num_batches} micro-batches; lower the micro-batch count")
-    bins: list[list[int]] = [[] for _ in range(num_batches)]
-    loads = [0] * num_batches
-    for i in sorted(range(len(documents)), key=lambda i: (-len(documents[i]), i)):
-        b = min(range(num_batches), key=lambda b: (loads[b], b))
-        bins[b].append(i)
-        loads[b] += len(documents[i])
     batches, index = [], []
-    for members in bins:
-        members = sorted(members)
+    for members in balanced_bins([len(d) for d in documents], num_batches):
         rows = pack_rows([len(documents[i]) for i in members], row_tokens)
         ordered = [members[j] for row in rows for j in row]
         batches.append(collate([[documents[members[j]] for j in row] for row in rows], pad_token_id))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from data_pipelines.packing import balanced_bins, response_loss_masks
+
 
 @dataclass
 class SharedPromptBatch:
@@ -64,13 +66,7 @@ def split_groups(group_tokens: list[int], num_batches: int) -> list[list[int]]:
     if len(group_tokens) < num_batches:
         raise ValueError(f"{len(group_tokens)} prompt groups cannot fill {num_batches} micro-batches; lower the micro-batch "
                          "count or set trainer.share_prompt=false")
-    bins: list[list[int]] = [[] for _ in range(num_batches)]
-    loads = [0] * num_batches
-    for g in sorted(range(len(group_tokens)), key=lambda g: (-group_tokens[g], g)):
-        b = min(range(num_batches), key=lambda b: (loads[b], b))
-        bins[b].append(g)
-        loads[b] += group_tokens[g]
-    return [sorted(b) for b in bins]
+    return balanced_bins(group_tokens, num_batches)
 
 
 def shared_prompt_batches(rollouts, num_batches: int, pad_token_id: int, mask_truncated: bool = False
@@ -91,7 +87,8 @@ def shared_prompt_batches(rollouts, num_batches: int, pad_token_id: int, mask_tr
         batches.append(collate_groups(
             [rollouts[g[0]].prompt_ids for g in chosen],
             [[rollouts[i].response_ids for i in g] for g in chosen],
-            [[[not (mask_truncated and rollouts[i].truncated)] * len(rollouts[i].response_ids) for i in g] for g in chosen],
+            [response_loss_masks([len(rollouts[i].response_ids) for i in g], [rollouts[i].truncated for i in g], mask_truncated)
+             for g in chosen],
             [[str(i) for i in g] for g in chosen], pad_token_id,
         ))
         members.append([i for g in chosen for i in g])

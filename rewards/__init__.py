@@ -1,5 +1,5 @@
-"""Reward functions with one signature, a registry and a weighted sum (see rewards.registry)."""
+"""Reward functions with one signature and their weighted sum (see rewards.registry; configs/reward/ names them)."""
 
-from rewards.registry import REWARDS, CombinedReward, build_reward
+from rewards.registry import CombinedReward, build_reward
 
-__all__ = ["REWARDS", "CombinedReward", "build_reward"]
+__all__ = ["CombinedReward", "build_reward"]

@@ -30,7 +30,7 @@ def _answer_part(response: str, answer_after: str | None) -> str:
     return response
 
 
-class MathVerifyPool:
+class MathVerifyProcess:
     """One child process (``rewards/_verify_worker.py``) that scores (response, gold) pairs with a hard
     per-sample wall-clock limit. Thread-safe; the child is started lazily and restarted after a timeout."""
 
@@ -116,7 +116,7 @@ class CorrectnessReward:
     """
 
     def __init__(self, time_limit_s: float = 5.0, answer_after: str | None = "</think>", answer_key: str = "answer"):
-        self.pool = MathVerifyPool(time_limit_s)
+        self.verifier = MathVerifyProcess(time_limit_s)
         self.answer_after = answer_after
         self.answer_key = answer_key
 
@@ -129,8 +129,8 @@ class CorrectnessReward:
                     "the data pipeline must carry the reference answer"
                 )
             pairs.append((_answer_part(response, self.answer_after), str(meta[self.answer_key])))
-        scores, timed_out = self.pool.score(pairs)
+        scores, timed_out = self.verifier.score(pairs)
         return torch.tensor(scores, dtype=torch.float32), {"timed_out": torch.tensor(timed_out)}
 
     def close(self) -> None:
-        self.pool.close()
+        self.verifier.close()

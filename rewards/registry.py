@@ -1,4 +1,5 @@
-"""One reward signature, a name registry, and the weighted sum the RL recipe calls.
+"""One reward signature, and the weighted sum the RL recipe calls (components named by Hydra `_target_`s in
+configs/reward/, the registry of built-in rewards).
 
 Every reward function (or callable object) has the signature::
 
@@ -93,19 +94,3 @@ def build_reward(reward_cfg) -> CombinedReward:
         weights[name] = float(weight)
     return CombinedReward(components, weights)
 
-
-def get(name: str) -> str:
-    """The `_target_` of a built-in reward by short name (what configs/reward/<name>.yaml points to)."""
-    if name not in REWARDS:
-        raise KeyError(f"unknown reward {name!r}; built-in: {sorted(REWARDS)}")
-    return REWARDS[name]
-
-
-# Built-in rewards: name -> Hydra `_target_` (functions take `_partial_: true` in their YAML).
-REWARDS = {
-    "correctness": "rewards.correctness.CorrectnessReward",
-    "format": "rewards.format.format_reward",
-    "bingo": "rewards.bingo.BingoLengthReward",
-    "kimi_length": "rewards.length.kimi_length_reward",
-    "cosine_length": "rewards.length.cosine_length_reward",
-}

@@ -6,7 +6,7 @@ A scorer maps a batch to one boolean vector per response (True = significant uni
 
 Units are the scorer's own tokens; Bingo only uses counts and ratios to a reference scored the same
 way, so the unit cancels. Three scorers:
-- ``ExactLabelScorer``: the synthetic generator's filler sentences are insignificant (tests, arithmetic data).
+- ``ExactLabelScorer``: given filler sentences are insignificant (the synthetic generator's, named by the config).
 - ``SelfInformationScorer``: -log p(token | prefix) under a causal LM (the default that runs offline).
 - ``TokenClassifierScorer``: an LLMLingua-2-style token classifier given by a local path (the paper's
   choice, microsoft/llmlingua-2-xlm-roberta-large-meetingbank; P(keep) per token).
@@ -42,17 +42,14 @@ def _threshold(scores: torch.Tensor, threshold: float, normalize: str) -> torch.
 class ExactLabelScorer:
     """Units inside an occurrence of a filler sentence are insignificant; everything else is significant.
 
-    ``filler_sentences``: defaults to ``data_pipelines.arithmetic.FILLER_SENTENCES``; sentences listed in a
-    sample's ``metadata["filler_sentences"]`` (flat or per turn) are added. ``tokenizer``: a tokenizer object
-    or path, to count in tokens via offsets; without it units are whitespace-separated words.
+    ``filler_sentences``: insignificant in every response (configs/significance/exact_labels.yaml names the
+    synthetic generator's, ``data_pipelines.arithmetic.FILLER_SENTENCES``); sentences listed in a sample's
+    ``metadata["filler_sentences"]`` (flat or per turn) are added. ``tokenizer``: a tokenizer object or path, to
+    count in tokens via offsets; without it units are whitespace-separated words.
     """
 
-    def __init__(self, filler_sentences: list[str] | None = None, tokenizer=None):
-        if filler_sentences is None:
-            from data_pipelines.arithmetic import FILLER_SENTENCES
-
-            filler_sentences = list(FILLER_SENTENCES)
-        self.filler_sentences = list(filler_sentences)
+    def __init__(self, filler_sentences: list[str] | tuple[str, ...] = (), tokenizer=None):
+        self.filler_sentences = list(filler_sentences or ())
         if isinstance(tokenizer, str):
             from transformers import AutoTokenizer
 

@@ -7,8 +7,9 @@ way a problem designer thinks) and then the problem conditioned on concepts + ra
   concepts' ``spec`` (operand digits, chain length, operations, a carry/borrow requirement, word problem or
   bare expression) and the problem is drawn from data_pipelines/arithmetic.py under that plan; it also records
   the generator's ground truth (``column_steps``, carries, borrows), which later stages never read.
-- ``PromptGenerator``: a language model behind a text backend (hf / vllm / ray) with the prompt templates of
-  the synthesis config (``prompts.rationale``, ``prompts.problem``).
+- ``PromptGenerator``: a language model behind a text backend (``generate(prompts, n, seeds)``, ``close()``; the
+  hf / vllm / ray ones are train/synthesis/backends.py) with the prompt templates of the synthesis config
+  (``prompts.rationale``, ``prompts.problem``).
 
 Both return, per input row, a payload dict or an ``ItemError`` (recorded as that row's ``error``; the run goes on).
 """

@@ -1,7 +1,8 @@
 """Solvers for difficulty estimation: k sampled responses per problem, later scored against its answer.
 
-- ``ModelSolver``: a language model behind a text backend (hf / vllm / ray), asked in the chat format the
-  framework trains on (``<think>...</think>`` then a ``\\boxed{}`` answer).
+- ``ModelSolver``: a language model behind a text backend (``generate(prompts, n, seeds)``, ``close()``; the hf /
+  vllm / ray ones are train/synthesis/backends.py), asked in the chat format the framework trains on
+  (``<think>...</think>`` then a ``\\boxed{}`` answer).
 - ``ReferenceSolver``: a SIMULATION for tests and CPU demos, not a model. It parses an arithmetic problem
   (word problem or bare expression, as data_pipelines/arithmetic.py writes them) and works it digit column by
   digit column, writing a wrong digit in a column with probability ``step_error * C``, where C is the number

@@ -65,7 +65,7 @@ def test_reward_group_composes_weighted_sum(tmp_path):
     nodes = {}
     for name in ("correctness", "format", "bingo"):
         nodes.update(OmegaConf.to_container(OmegaConf.load(CONFIGS / "reward" / f"{name}.yaml")))
-    nodes["bingo"]["scorer"] = {"_target_": "rewards.significance.ExactLabelScorer"}
+    nodes["bingo"]["scorer"] = OmegaConf.to_container(OmegaConf.load(CONFIGS / "significance" / "exact_labels.yaml"))
     nodes["format"]["weight"] = 0.5
     reward_fn = build_reward(OmegaConf.create(nodes))
     try:

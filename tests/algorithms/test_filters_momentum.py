@@ -28,6 +28,8 @@ def test_mask_truncated_zeroes_rows():
     mask = torch.ones(3, 4)
     got = mask_truncated(mask, torch.tensor([False, True, False]))
     assert got.sum(1).tolist() == [4.0, 0.0, 4.0]
+    flags = mask_truncated(torch.ones(2, 3, dtype=torch.bool), torch.tensor([True, False]))  # bool masks stay bool
+    assert flags.dtype == torch.bool and flags.tolist() == [[False] * 3, [True] * 3]
 
 
 def test_ema_update_formula_period_and_frozen():

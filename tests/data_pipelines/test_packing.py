@@ -3,7 +3,7 @@ import torch
 
 from data_pipelines.arithmetic import ArithmeticSpec, generate
 from data_pipelines.chat_format import render_segments, tokenize_segments
-from data_pipelines.packing import IGNORE_INDEX, Document, collate, pack, pack_rows
+from data_pipelines.packing import IGNORE_INDEX, Document, balanced_bins, collate, pack, pack_rows, response_loss_masks
 from tests.conftest import TEST_ARCH
 from train.models.attention import allowed, model_inputs
 from train.models.model_zoo import build_tiny_model
@@ -25,6 +25,18 @@ def test_pack_rows_respects_budget_and_keeps_every_document():
     assert len(rows) == 5  # total 44 tokens: 5 rows is optimal here
     with pytest.raises(ValueError, match="row budget"):
         pack_rows([11], 10)
+
+
+def test_balanced_bins_put_the_largest_first_into_the_lightest_bin():
+    assert balanced_bins([10, 10, 10, 40], 2) == [[3], [0, 1, 2]]
+    assert balanced_bins([5, 7, 9], 3) == [[2], [1], [0]]
+    assert balanced_bins([3, 3, 2, 2, 2], 2) == [[0, 2, 4], [1, 3]]  # 3 -> b0, 3 -> b1, 2 -> b0, 2 -> b1, 2 -> b0
+    assert balanced_bins([4], 2) == [[0], []]
+
+
+def test_response_loss_masks_drop_truncated_responses_only_when_asked():
+    assert response_loss_masks([3, 0, 2], [False, True, True]) == [[True] * 3, [], [True] * 2]
+    assert response_loss_masks([3, 0, 2], [False, True, True], mask_truncated=True) == [[True] * 3, [], [False] * 2]
 
 
 def test_collate_layout_labels_positions_and_padding(tiny_tokenizer):

@@ -1,6 +1,7 @@
 """Bingo: significance-aware length reward with exact labels, wrong-answer rule, and the dynamic schedule."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,14 +20,24 @@ def _with_filler(n: int) -> str:
 
 
 def test_exact_labels_mark_filler_words_insignificant():
-    flags = ExactLabelScorer()([_with_filler(2)], None, [{}])[0]
+    flags = ExactLabelScorer(FILLER_SENTENCES)([_with_filler(2)], None, [{}])[0]
     n_filler_words = sum(len(s.split()) for s in FILLER_SENTENCES[:2])
     assert int((~flags).sum()) == n_filler_words
     assert int(flags.sum()) == len(CORE.split())
 
 
+def test_exact_labels_config_names_the_generator_sentences_and_rows_add_their_own():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs/significance/exact_labels.yaml")
+    assert list(cfg.filler_sentences) == list(FILLER_SENTENCES)  # the config's copy of the generator's list
+    from_rows = ExactLabelScorer()([_with_filler(2)], None, [{"filler_sentences": [list(FILLER_SENTENCES[:2])]}])[0]
+    assert from_rows.tolist() == ExactLabelScorer(FILLER_SENTENCES)([_with_filler(2)], None, [{}])[0].tolist()
+    assert bool(ExactLabelScorer()([_with_filler(2)], None, [{}])[0].all())  # no sentences named: all significant
+
+
 def test_more_insignificant_tokens_lower_reward_at_equal_correctness_and_significant_length():
-    bingo = BingoLengthReward(ExactLabelScorer(), dynamic=False)
+    bingo = BingoLengthReward(ExactLabelScorer(FILLER_SENTENCES), dynamic=False)
     responses = [CORE, _with_filler(1), _with_filler(3), _with_filler(5)]
     correct = torch.ones(4)
     reward, diag = bingo(None, responses, None, [{"answer": "74"}] * 4, step=0, group_size=4, components={"correctness": correct})
@@ -81,7 +92,7 @@ def test_dynamic_schedule_decays_after_plateau():
 
 
 def test_bingo_reward_uses_schedule_value_and_reports_it():
-    bingo = BingoLengthReward(ExactLabelScorer(), schedule_start_step=0)
+    bingo = BingoLengthReward(ExactLabelScorer(FILLER_SENTENCES), schedule_start_step=0)
     out, diag = bingo(None, [CORE, _with_filler(2)], None, [{"answer": "74"}] * 2, step=0, group_size=2,
                       components={"correctness": torch.tensor([0.0, 1.0])})
     assert diag["w_e"][0].item() == pytest.approx(5 / HALF_PI)

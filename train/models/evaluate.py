@@ -4,25 +4,34 @@ greedy decoding hides how a policy answers when sampled, e.g. how often it takes
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from data_pipelines.chat_format import generation_prompt
 from data_pipelines.loading import final_boxed
 from data_pipelines.prompts import prompt_messages
-from train.models.sampling import sample
+from train.models.sampling import cut_at_eos, left_padded, sample
+
+
+@contextmanager
+def _eval_mode(model):
+    """``model`` in eval mode for the block (its device is yielded), then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[list[int]]:
     """Greedy completions (token ids, without the prompt, cut at end of turn) of ``prompts``."""
-    was_training = model.training
-    model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    device = next(model.parameters()).device
     completions = []
-    try:
+    with _eval_mode(model) as device:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = left_padded(tokenizer, prompts[i : i + batch_size], device)
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -31,14 +40,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
                 pad_token_id=tokenizer.pad_token_id,
             )
             for row in out[:, enc["input_ids"].shape[1] :].tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[: row.index(tokenizer.eos_token_id) + 1]
-                else:
-                    row = [t for t in row if t != tokenizer.pad_token_id]
-                completions.append(row)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+                completions.append(cut_at_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id)[0])
     return completions
 
 
@@ -47,26 +49,16 @@ def generate_sampled(model, tokenizer, prompts: list[str], samples: int, max_new
                      top_p: float = 1.0, batch_size: int = 64, seed: int = 0) -> list[list[int]]:
     """``samples`` sampled completions of each prompt (prompt 0's first), cut after end of turn; the same
     seed gives the same completions."""
-    was_training = model.training
-    model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     per_batch = max(1, batch_size // samples)
     completions = []
-    try:
+    with _eval_mode(model) as device:
+        generator = torch.Generator(device=device).manual_seed(seed)
         for i in range(0, len(prompts), per_batch):
-            enc = tokenizer(prompts[i : i + per_batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = left_padded(tokenizer, prompts[i : i + per_batch], device)
             out = sample(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, tokenizer.eos_token_id,
                          tokenizer.pad_token_id, temperature, top_p, generator, group_size=samples)
             for row in out.tolist():
-                if tokenizer.eos_token_id in row:
-                    completions.append(row[: row.index(tokenizer.eos_token_id) + 1])
-                else:
-                    completions.append([t for t in row if t != tokenizer.pad_token_id])
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+                completions.append(cut_at_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id)[0])
     return completions
 
 

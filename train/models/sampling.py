@@ -9,6 +9,8 @@ Same distribution as ``model.generate(do_sample=True, temperature=T, top_p=p, to
   exponential per vocabulary entry), from a ``torch.Generator`` seeded per call.
 
 Greedy decoding (temperature 0) takes the argmax and gives exactly ``generate``'s greedy tokens.
+``left_padded`` makes the prompt batch and ``cut_at_eos`` reads a response off an output row, for ``sample`` and
+``generate`` alike (rollout workers, evaluation).
 """
 
 from __future__ import annotations
@@ -36,6 +38,30 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, genera
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
     index = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)  # [n]
     return index if order is None else order.gather(1, index[:, None]).squeeze(1)
+
+
+def left_padded(tokenizer, prompts: list[str] | list[list[int]], device) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` [B, P] of ``prompts`` (texts, or token ids), padded on the left as
+    ``sample`` and ``generate`` expect; the tokenizer's padding side is put back as it was."""
+    if prompts and not isinstance(prompts[0], str):  # token ids (multi-turn prompts built by appending ids)
+        width = max(len(p) for p in prompts)
+        return {
+            "input_ids": torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device),
+            "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device),
+        }
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side = side
+
+
+def cut_at_eos(tokens: list[int], eos_token_id: int, pad_token_id: int | None = None) -> tuple[list[int], bool]:
+    """(response, truncated) of an output row: ``tokens`` up to and including the first eos; without one the
+    response hit the budget (truncated) and is the whole row, less any ``pad_token_id`` tokens when given."""
+    if eos_token_id in tokens:
+        return tokens[: tokens.index(eos_token_id) + 1], False
+    return (tokens if pad_token_id is None else [t for t in tokens if t != pad_token_id]), True
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from data_pipelines.multiturn import document_from_prompts
-from data_pipelines.packing import Document, pack_balanced
+from data_pipelines.packing import Document, pack_balanced, response_loss_masks
 from data_pipelines.shared_prompt import shared_prompt_batches
 
 
@@ -17,11 +17,11 @@ def rollouts_to_documents(rollouts, mask_truncated: bool = False) -> list[Docume
     documents = []
     for i, r in enumerate(rollouts):
         if "turn_prompts" in r.meta:
-            loss = [[not (mask_truncated and cut)] * len(resp) for resp, cut in zip(r.meta["turn_responses"], r.meta["turn_truncated"])]
+            loss = response_loss_masks([len(resp) for resp in r.meta["turn_responses"]], r.meta["turn_truncated"], mask_truncated)
             documents.append(document_from_prompts(r.meta["turn_prompts"], r.meta["turn_responses"], loss, sample_id=str(i)))
         else:
             documents.append(Document(r.prompt_ids + r.response_ids,
-                                      [False] * len(r.prompt_ids) + [not (mask_truncated and r.truncated)] * len(r.response_ids),
+                                      [False] * len(r.prompt_ids) + response_loss_masks([len(r.response_ids)], [r.truncated], mask_truncated)[0],
                                       sample_id=str(i)))
     return documents
 

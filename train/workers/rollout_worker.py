@@ -13,7 +13,7 @@ import torch
 
 from train.models.forward import is_ssm
 from train.models.model_zoo import load_model, load_tokenizer
-from train.models.sampling import sample
+from train.models.sampling import cut_at_eos, left_padded, sample
 
 
 @dataclass
@@ -55,18 +55,7 @@ class RolloutWorker:
                  top_p: float = 1.0, seed: int | None = None, prompt_offset: int = 0) -> list[Rollout]:
         """``group_size`` samples for each prompt (text, or token ids); rollouts come grouped (prompt 0's group first)."""
         tok = self.tokenizer
-        if prompts and not isinstance(prompts[0], str):  # token ids (multi-turn prompts built by appending ids)
-            width = max(len(p) for p in prompts)
-            enc = {
-                "input_ids": torch.tensor([[tok.pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=self.device),
-                "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device),
-            }
-        else:
-            side, tok.padding_side = tok.padding_side, "left"
-            try:
-                enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            finally:
-                tok.padding_side = side
+        enc = left_padded(tok, prompts, self.device)
         if is_ssm(self.model):  # no KV cache to drop rows from: Hugging Face's loop with the model's own cache
             input_ids = enc["input_ids"].repeat_interleave(group_size, 0)
             attention_mask = enc["attention_mask"].repeat_interleave(group_size, 0)
@@ -84,8 +73,7 @@ class RolloutWorker:
         rollouts = []
         for i, row in enumerate(out.tolist()):
             p = i // group_size
-            truncated = tok.eos_token_id not in row
-            response = row if truncated else row[: row.index(tok.eos_token_id) + 1]
+            response, truncated = cut_at_eos(row, tok.eos_token_id)
             prompt_ids = [t for t, m in zip(enc["input_ids"][p].tolist(), enc["attention_mask"][p].tolist()) if m]
             rollouts.append(Rollout(prompt_offset + p, prompt_ids, response,
                                     tok.decode(response, skip_special_tokens=True), truncated, self.version))

@@ -132,7 +132,7 @@ def test_rl_reference_logprobs_on_balanced_micro_batches(mamba_path, tiny_tokeni
 
 
 def test_sft_with_mamba2_lowers_loss(compose, tmp_path):
-    from tests.train.test_sft import FAST
+    from tests.train.sft.test_sft import FAST
 
     from train.__main__ import run
 

@@ -4,7 +4,7 @@ against Hugging Face `generate`, with finished rows dropped from the batch or ke
 import pytest
 import torch
 
-from train.models.sampling import sample, sample_tokens
+from train.models.sampling import cut_at_eos, left_padded, sample, sample_tokens
 
 LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64))
 
@@ -100,3 +100,23 @@ def test_sampled_rows_stop_at_eos_and_pad_after(tiny, one_thread):
             end = row.index(eos)
             assert all(t == tok.pad_token_id for t in row[end + 1:])
     assert finished > 0
+
+
+def test_cut_at_eos_keeps_the_eos_and_marks_rows_without_one_truncated():
+    eos, pad = 7, 0
+    assert cut_at_eos([3, 4, 7, 0, 0], eos) == ([3, 4, 7], False)
+    assert cut_at_eos([3, 7, 7], eos, pad) == ([3, 7], False)
+    assert cut_at_eos([3, 0, 4], eos) == ([3, 0, 4], True)  # a rollout keeps every generated token
+    assert cut_at_eos([3, 0, 4], eos, pad) == ([3, 4], True)  # evaluation drops padding
+
+
+def test_left_padded_pads_texts_and_ids_on_the_left_and_restores_the_side(tiny_tokenizer):
+    side = tiny_tokenizer.padding_side
+    texts = left_padded(tiny_tokenizer, ["1+1=", "12+34="], "cpu")
+    assert tiny_tokenizer.padding_side == side
+    ids = [tiny_tokenizer("1+1=", add_special_tokens=False)["input_ids"], tiny_tokenizer("12+34=", add_special_tokens=False)["input_ids"]]
+    from_ids = left_padded(tiny_tokenizer, ids, "cpu")
+    for enc in (texts, from_ids):
+        assert enc["attention_mask"].tolist()[1] == [1] * len(ids[1])
+        assert enc["attention_mask"][0, -1] == 1 and enc["attention_mask"][0, 0] == 0  # padding on the left
+    assert torch.equal(texts["input_ids"], from_ids["input_ids"])

@@ -20,7 +20,7 @@ BINGO = {
     "correctness": {"_target_": "rewards.correctness.CorrectnessReward", "weight": 1.0},
     # schedule from step 0: w_e moves every step, so a lost schedule state changes the rewards
     "bingo": {"_target_": "rewards.bingo.BingoLengthReward", "weight": 1.0, "schedule_start_step": 0,
-              "scorer": {"_target_": "rewards.significance.ExactLabelScorer"}},
+              "scorer": {"_target_": "rewards.significance.ExactLabelScorer", "filler_sentences": list(FILLER_SENTENCES)}},
 }
 
 
@@ -134,3 +134,11 @@ def test_scoring_started_on_a_running_generation_equals_a_plain_call(ray_session
     assert pool.restarts == 0
     pool.close()
     pool.shutdown()
+
+
+def test_init_ray_joins_the_running_instance(ray_session):
+    from train.workers.ray_session import init_ray
+
+    before = ray.get_runtime_context().get_node_id()
+    init_ray()  # already started in this process: nothing changes
+    assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == before

@@ -1,7 +1,7 @@
 """PromptCoT-style problem synthesis: concepts -> rationales -> problems -> difficulty -> filter.
 
-    python -m data_pipelines.synthesize --out runs/synthesis            # embedded default, CPU, no model
-    python -m data_pipelines.synthesize --config configs/synthesis/model.yaml --out runs/synth \
+    python -m train.synthesis --out runs/synthesis            # embedded default, CPU, no model
+    python -m train.synthesis --config configs/synthesis/model.yaml --out runs/synth \
         generator.model_path=/models/qwen difficulty.solver.model_path=/models/qwen
 
 PromptCoT (Zhao et al., arXiv 2503.02324) samples related concepts, has a model write a rationale (how the
@@ -9,8 +9,8 @@ concepts combine into a hard problem) and then the problem from concepts + ratio
 problems (the paper filters by reward-model ratings; here, as in the curriculum recipe, by the pass rate of a
 solver model, so that phases and samplers can pick problems by measured difficulty). Every stage appends rows
 to ``<out>/<stage>.jsonl`` (provenance: stage, concept ids, seed, generator, source row id) and skips ids
-already there, so an interrupted run picks up where it stopped without duplicates; the components live in
-data_pipelines/synthesis/.
+already there, so an interrupted run picks up where it stopped without duplicates. The stage components live in
+data_pipelines/synthesis/; the model backends they are given (hf, vllm, ray) in train/synthesis/backends.py.
 """
 
 from __future__ import annotations
@@ -18,19 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.synthesis.backends import MODEL_BACKENDS, REPO, build_backend, resolve_model
 from data_pipelines.synthesis.concepts import ConceptSampler, concept_rows, load_concepts
 from data_pipelines.synthesis.estimate import AnswerScorer, check_labels, estimate
 from data_pipelines.synthesis.filtering import check_band, keep, training_row
 from data_pipelines.synthesis.generators import ArithmeticGenerator, PromptGenerator, item_seed
 from data_pipelines.synthesis.solvers import ModelSolver, ReferenceSolver
 from data_pipelines.synthesis.store import StageWriter, read_rows, require_stage_file, write_parquet
+from train.synthesis.backends import MODEL_BACKENDS, REPO, build_backend, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -238,17 +237,17 @@ Overrides are key=value pairs on the config, e.g. num_problems=50 difficulty.sam
 filter.band=[0.2,0.8] difficulty.labels.easy=0.8. Every key is commented in configs/synthesis/*.yaml.
 
 Examples:
-  python -m data_pipelines.synthesize --out runs/synthesis
-  python -m data_pipelines.synthesize --out runs/synthesis --stages concepts,rationales,problems num_problems=1000
-  python -m data_pipelines.synthesize --out runs/synthesis --stages difficulty,filter filter.band=[0.2,0.8]
-  python -m data_pipelines.synthesize --config configs/synthesis/model.yaml --out runs/synth \\
+  python -m train.synthesis --out runs/synthesis
+  python -m train.synthesis --out runs/synthesis --stages concepts,rationales,problems num_problems=1000
+  python -m train.synthesis --out runs/synthesis --stages difficulty,filter filter.band=[0.2,0.8]
+  python -m train.synthesis --config configs/synthesis/model.yaml --out runs/synth \\
       generator.model_path=/models/Qwen2.5-7B-Instruct difficulty.solver.model_path=/models/Qwen2.5-1.5B-Instruct
 """
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m data_pipelines.synthesize", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m train.synthesis", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="PromptCoT-style problem synthesis: concepts -> rationales -> problems -> difficulty -> filter.",
         epilog=HELP,
     )
@@ -275,7 +274,3 @@ def main(argv=None) -> int:
     summary = run(cfg)
     print(json.dumps({"out_dir": str(cfg.out_dir), **summary}, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

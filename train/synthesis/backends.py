@@ -1,6 +1,7 @@
-"""Text generation backends for the synthesis stages: one call, ``generate(prompts, n, seeds)`` -> n texts per
-prompt. ``hf`` runs Hugging Face ``generate`` in-process (train.workers.rollout_worker.RolloutWorker), ``vllm`` runs vLLM
-on a GPU, ``ray`` spreads prompts over Ray rollout workers (train.workers.actors.RolloutPool) for scale.
+"""Text generation backends for the synthesis stages (data_pipelines/synthesis/ generators and solvers receive
+one): ``generate(prompts, n, seeds)`` -> n texts per prompt, and ``close()``. ``hf`` runs the RL rollout worker
+in-process (train.workers.rollout_worker.RolloutWorker), ``vllm`` runs vLLM on a GPU, ``ray`` spreads prompts over Ray
+rollout workers (train.workers.actors.RolloutPool) for scale.
 
 Sampling seeds: ``hf`` and ``vllm`` seed each prompt with its own seed (derived from the run seed and the row
 id), so a resumed run samples what an uninterrupted one would; ``ray`` seeds per batch (RolloutPool's API).
@@ -9,7 +10,6 @@ id), so a resumed run samples what an uninterrupted one would; ``ray`` seeds per
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 MODEL_BACKENDS = ("hf", "vllm", "ray")
@@ -85,16 +85,10 @@ class RayBackend:
 
     def __init__(self, model_path: str, max_new_tokens: int, temperature: float, top_p: float, num_workers: int,
                  num_gpus_per_worker: float = 0, ray_address: str | None = None):
-        import ray
-
         from train.workers.actors import RolloutPool
+        from train.workers.ray_session import init_ray
 
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            if ray_address:
-                ray.init(address=ray_address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        init_ray(ray_address)
         options = {"num_cpus": 1, "num_gpus": num_gpus_per_worker} if num_gpus_per_worker else {"num_cpus": 0}
         self.pool = RolloutPool(num_workers, model_path, worker_options=[options] * num_workers)
         self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
