@@ -23,7 +23,7 @@ RAY_JOIN_TIMEOUT=${RAY_JOIN_TIMEOUT:-300}
 RAY_STOP_TIMEOUT=${RAY_STOP_TIMEOUT:-60}
 RAY_POLL_INTERVAL=${RAY_POLL_INTERVAL:-5}
 RAY_START_ARGS=${RAY_START_ARGS:-}
-# train/rl/recipe.py init_ray defaults the driver to RAY_AUTH_MODE=disabled; the cluster must agree with it.
+# train/workers/ray_session.py init_ray defaults the driver to RAY_AUTH_MODE=disabled; the cluster must agree with it.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
 RAY_STEP_WRAPPER='trap "kill -TERM \$child; wait \$child; exit 0" USR2; "$@" & child=$!; wait $child'

@@ -16,20 +16,9 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
+from train.workers.ray_session import init_ray
+
 log = logging.getLogger(__name__)
-
-
-def init_ray(cluster_cfg) -> None:
-    """Connect to the cluster of ``cluster.ray_address``, or start a local Ray (``cluster.ray_num_cpus``)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if cluster_cfg.get("ray_address"):
-        ray.init(address=cluster_cfg.ray_address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=cluster_cfg.get("ray_num_cpus") or os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
 
 def cpu_threads(cores: int, world_size: int, num_workers: int, overlap: bool, placement_mode: str) -> tuple[int | None, int | None]:
@@ -80,7 +69,7 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
     from train.workers.reward_workers import RewardPool
 
     t_cfg, r_cfg = cfg.trainer, cfg.rollout
-    init_ray(cfg.cluster)
+    init_ray(cfg.cluster.get("ray_address"), cfg.cluster.get("ray_num_cpus"))
     momentum_workers = r_cfg.num_workers if cfg.algorithm.get("momentum_rollout") else 0
     overlap = int(r_cfg.get("async_steps", 0)) == 1
     trainer_threads, rollout_threads = None, None

@@ -25,13 +25,14 @@ def test_leaving_the_block_stops_every_actor_and_the_placement_group(compose, ra
 
     import train.workers.placement
     from train.models.model_zoo import resolve_model_path
-    from train.rl.startup import init_ray, start_actors
+    from train.rl.startup import start_actors
+    from train.workers.ray_session import init_ray
 
     # AAPO (momentum rollout workers) with a KL reference model and a reward worker: every kind of actor
     cfg = compose(FAST_RL + ["algorithm=aapo", "algorithm.kl.beta=0.01", "trainer.world_size=1"])
     path = str(resolve_model_path(cfg.model))
     # CPU runs reserve no placement group (GPU colocated runs do): give the plan a real one to be removed
-    init_ray(cfg.cluster)
+    init_ray(num_cpus=cfg.cluster.ray_num_cpus)
     group = placement_group([{"CPU": 0.1}])
     ray.get(group.ready(), timeout=60)
     real_plan = train.workers.placement.plan

@@ -28,7 +28,7 @@ def test_report_errors_name_the_problem(tmp_path):
 
 
 def test_report_draws_the_rl_panels_from_the_names_the_rl_driver_logs(tmp_path):
-    # Names as train/rl/recipe.py logs them (and RunLogger.log_histogram's _p50/_p90 statistics).
+    # Names as train/rl/step_metrics.py logs them (and RunLogger.log_histogram's _p50/_p90 statistics).
     rows = [{"step": s, "reward/total": 0.1 * s, "reward/correctness": 0.05 * s, "reward/format": 1.0,
              "rollout/response_length_mean": 40.0 - s, "rollout/response_length_p90": 50.0 - s, "train/kl": 0.01 * s,
              "perf/tokens_per_s": 900.0 + s, "train/loss": 0.5, "train/lr": 2e-5, "train/grad_norm": 1.0 + s}
