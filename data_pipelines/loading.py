@@ -3,6 +3,7 @@ validate them, and tokenize them into packable documents."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -37,12 +38,31 @@ def check_files(files, key: str) -> list[Path]:
     return paths
 
 
+def check_jsonl_lines(path: Path) -> None:
+    """Every non-blank line of a jsonl file is one JSON object; else an error naming file, line and reason (HF
+    datasets would fail with a DatasetGenerationError that names neither)."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataValidationError(f"{path}:{number}: not JSON ({err.msg} at column {err.colno}); fix or remove "
+                                          "the line (one JSON object per line)") from None
+            if not isinstance(value, dict):
+                raise DataValidationError(f"{path}:{number}: a JSON {type(value).__name__}, not an object; each line "
+                                          "must be one row object such as {\"messages\": [...]}")
+
+
 def load_files(paths: list[Path]) -> list[tuple[str, list[dict]]]:
     """(file name, rows) per file, read with HF datasets (no hub access: local files only)."""
     from datasets import load_dataset
 
     loaded = []
     for path in paths:
+        if path.suffix == ".jsonl":
+            check_jsonl_lines(path)
         dataset = load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train")
         loaded.append((str(path), dataset.to_list()))
     return loaded

@@ -47,6 +47,19 @@ def test_bad_row_in_file_reports_file_and_row_number(tmp_path):
         load_split(_files_cfg([path]), "train")
 
 
+@pytest.mark.parametrize("bad_line,reason", [
+    ('{"messages": [}', r"train\.jsonl:3: not JSON \(Expecting value at column 15\)"),
+    ("[1, 2]", r"train\.jsonl:3: a JSON list, not an object"),
+])
+def test_a_line_that_is_not_a_json_object_names_file_and_line(tmp_path, bad_line, reason):
+    import json
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([json.dumps(GOOD), "", bad_line, json.dumps(GOOD)]) + "\n")
+    with pytest.raises(DataValidationError, match=reason):
+        load_split(_files_cfg([path]), "train")
+
+
 def test_jsonl_and_parquet_load_with_reference_answers(tmp_path):
     import datasets
 
