@@ -107,6 +107,9 @@ def token_logprobs(
     """log pi(x_{t+1} | x_{<=t}) for every position, [rows, seq-1]; entropy of pi(.|x_{<=t}) if asked.
     For a SharedPromptBatch: log pi(y_j | prompt, y_{<j}) for every response token, [responses, R]."""
     if isinstance(batch, SharedPromptBatch):
+        if backend != "sdpa":  # the response pass reads a right-padded prompt cache through a 2D padding mask
+            raise ValueError(f"trainer.share_prompt runs under model.attn_backend=sdpa only, got {backend}; "
+                             "set trainer.share_prompt=auto or false")
         logits = shared_prompt_logits(model, batch).float()  # [responses, R, vocab]
         targets = batch.response_ids
     else:
