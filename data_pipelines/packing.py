@@ -157,7 +157,7 @@ def collate(documents: list[list[Document]], pad_token_id: int, pad_to: int | No
             sample_ids.append(doc.sample_id)
             plain &= s == 1
             start, seg_offset = end, seg_offset + s
-        # tail padding: its own segment, positions 0.. so that position-based varlen detection sees a new sequence
+        # tail padding: its own segment (flash-attn varlen runs it as one more sequence), positions 0.. like a document
         segment_ids[r, start:] = seg_offset
         visibility[r, seg_offset, seg_offset] = True
         position_ids[r, start:] = torch.arange(seq_len - start)

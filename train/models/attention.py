@@ -5,8 +5,11 @@
 - ``flex``: a FlexAttention ``BlockMask`` built from the same segment table (skips fully masked blocks; the
   intended GPU path for arbitrary structure such as the multi-turn mask). torch 2.13 has no FlexAttention
   backward on CPU, so on CPU it is for forward passes only.
-- ``flash``: flash-attn varlen, for plain packing only (every document one self-visible segment): no mask is
-  passed and transformers derives the sequence boundaries from the restarting ``position_ids``. GPU only.
+- ``flash``: flash-attn varlen, for plain packing only (every document one self-visible segment). The rows are
+  flattened into one sequence of segments and the boundaries are handed to the kernel explicitly
+  (``cu_seq_lens_q/k``, ``max_length_q/k``: transformers' ``FlashAttentionKwargs``, the keys TRL's padding-free
+  collator passes). Without them transformers infers boundaries from restarting ``position_ids`` only for a batch of
+  one row; with more rows it would run plain causal attention over each whole row, mixing documents. GPU only.
 """
 
 from __future__ import annotations
@@ -62,6 +65,22 @@ def block_mask(segment_ids: torch.Tensor, visibility: torch.Tensor, block_size: 
     )
 
 
+def varlen_boundaries(segment_ids: torch.Tensor) -> dict:
+    """flash-attn varlen boundaries of plain packed rows ``segment_ids`` [rows, seq]: the rows flattened into one
+    sequence of rows * seq tokens, a new segment wherever the segment id changes or a row starts. Every document
+    is one segment and each row's tail padding is one more (it sees only itself, as in ``allowed``), so the
+    segments cover every token, which transformers' varlen path needs (it reshapes [rows, seq] to [rows * seq])."""
+    rows, seq = segment_ids.shape
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)  # [rows, seq] True where a segment begins
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = starts.reshape(-1).nonzero().squeeze(1)  # [segments] flat index of each segment's first token
+    end = torch.tensor([rows * seq], device=segment_ids.device)
+    cu_seq_lens = torch.cat([first, end]).to(torch.int32)  # [segments + 1]; the kernels take int32
+    max_length = int(cu_seq_lens.diff().max())  # a Python int for the kernel's grid (one sync per forward)
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max_length, "max_length_k": max_length}
+
+
 def model_inputs(batch: PackedBatch, backend: str) -> dict:
     """Keyword arguments for a Hugging Face causal LM forward on ``batch`` under ``backend``."""
     inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
@@ -75,6 +94,7 @@ def model_inputs(batch: PackedBatch, backend: str) -> dict:
                 "model.attn_backend=flash runs plain packed documents only; rows with a multi-segment mask "
                 "(single-pass multi-turn) need model.attn_backend=flex (GPU) or sdpa"
             )
+        inputs.update(varlen_boundaries(batch.segment_ids))
     else:
         raise ValueError(f"model.attn_backend={backend!r} is not one of {list(BACKENDS)}")
     return inputs
