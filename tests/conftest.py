@@ -99,3 +99,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def two_node_ray():
+    """A two-node Ray cluster on this machine (node_a at 127.0.0.2, the head; node_b at 127.0.0.3; custom resources
+    of those names pin actors to them), this process connected to it; both nodes stopped after the module."""
+    pytest.importorskip("ray")
+    from tests.loopback_cluster import loopback_cluster
+
+    with loopback_cluster() as cluster:
+        yield cluster

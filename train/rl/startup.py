@@ -65,7 +65,7 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
 
     from train.workers.actors import RolloutPool, TrainerGroup
     from train.workers.placement import plan
-    from train.workers.reference_worker import ReferenceWorker
+    from train.workers.reference_worker import ReferenceWorker, reference_settings
     from train.workers.reward_workers import RewardPool
 
     t_cfg, r_cfg = cfg.trainer, cfg.rollout
@@ -97,7 +97,9 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
         stack.callback(_stop, "the rollout workers", rollout_pool.shutdown)
         reference = None
         if kl_beta > 0:
-            reference = ray.remote(ReferenceWorker).options(**places.reference).remote(model_path, cfg.model.attn_backend)
+            # on the device its placement grants, in the trainer's precision
+            reference = ray.remote(ReferenceWorker).options(**places.reference).remote(
+                model_path, cfg.model.attn_backend, **reference_settings(places.reference, t_cfg.get("precision", "auto")))
             stack.callback(_stop, "the reference model", lambda: ray.kill(reference))
         momentum_pool = None
         if momentum_workers:  # AAPO: the momentum model starts as the initial policy

@@ -3,19 +3,13 @@ to the group as if it were one trainer."""
 
 from __future__ import annotations
 
-import socket
 import uuid
 
 import ray
 
+from train.workers.placement import device_of
 from train.workers.policy_trainer import PolicyTrainer
 from train.workers.worker_shares import Shares
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TrainerFailure(RuntimeError):
@@ -26,6 +20,11 @@ class TrainerFailure(RuntimeError):
 class TrainerGroup:
     """``world_size`` PolicyTrainer actors forming one torch.distributed world (rank 0 holds full weights).
 
+    Rendezvous: rank 0 opens the world's store on a free port of its own node and returns its Ray node address and
+    the port (``rendezvous``); every rank then joins there. So the ranks may run on any nodes (``rank_options``:
+    Ray options per rank, train/workers/placement.py), and ``connections`` records, per rank, its node address and
+    the store address it joined.
+
     Actors are named ``policy_trainer_<group>_<rank>`` (visible in ``ray list actors``). Every call waits for
     the ranks one at a time, so the failure of any rank surfaces at once as a ``TrainerFailure`` instead of
     leaving the driver blocked on a surviving rank stuck in a collective.
@@ -35,26 +34,21 @@ class TrainerGroup:
                  micro_batches_per_rank: int, seed: int = 0, rank_options: list[dict] | None = None,
                  num_threads: int | None = None):
         self.world_size = world_size
-        rank_options = rank_options or [{"num_cpus": 1}] * world_size  # Ray options per rank (train/workers/placement.py)
-        actor = ray.remote(PolicyTrainer)
-        address = "127.0.0.1"
-        for attempt in range(3):
-            # the rendezvous port is free when picked, but another process (gloo's own connections use the same
-            # ephemeral range) may take it before rank 0 listens: then start again on a new port
-            port, group = free_port(), uuid.uuid4().hex[:8]
-            self.ranks = [
-                actor.options(name=f"policy_trainer_{group}_{rank}", **rank_options[rank]).remote(
-                    rank, world_size, address, port, model_path, attn_backend, dict(trainer_cfg), micro_batches_per_rank,
-                    seed, num_threads)
-                for rank in range(world_size)
-            ]
-            try:
-                self._get([r.__ray_ready__.remote() for r in self.ranks], "start-up")
-                return
-            except TrainerFailure as err:
-                self.shutdown()
-                if "EADDRINUSE" not in str(err) or attempt == 2:
-                    raise
+        rank_options = rank_options or [{"num_cpus": 1}] * world_size
+        actor, group = ray.remote(PolicyTrainer), uuid.uuid4().hex[:8]
+        # the actors start together; only the rendezvous waits for rank 0
+        self.ranks = [
+            actor.options(name=f"policy_trainer_{group}_{rank}", **rank_options[rank]).remote(
+                rank, world_size, model_path, attn_backend, dict(trainer_cfg), micro_batches_per_rank, seed, num_threads)
+            for rank in range(world_size)
+        ]
+        try:
+            address, port = self._get([self.ranks[0].open_rendezvous.remote()], "the rendezvous")[0]
+            self.rendezvous = (address, port)  # rank 0's node address and store port
+            self.connections: list[dict] = self._get([r.join.remote(address, port) for r in self.ranks], "start-up")
+        except TrainerFailure:
+            self.shutdown()
+            raise
 
     @staticmethod
     def _get(refs: list, what: str) -> list:
@@ -126,7 +120,6 @@ class RolloutPool:
         self.worker_options = worker_options or [{"num_cpus": 1}] * num_workers
         if len(self.worker_options) != num_workers:
             raise ValueError(f"{len(self.worker_options)} worker options for {num_workers} rollout workers")
-        on_gpu = self.worker_options[0].get("num_gpus", 0) > 0
         if backend == "vllm":
             from train.workers.vllm_worker import VLLMRolloutWorker as worker_class
 
@@ -134,7 +127,7 @@ class RolloutPool:
         elif backend == "hf":
             from train.workers.rollout_worker import RolloutWorker as worker_class
 
-            self._worker_kwargs = {"device": "cuda" if on_gpu else "cpu", "num_threads": num_threads}
+            self._worker_kwargs = {"device": device_of(self.worker_options[0]), "num_threads": num_threads}
         else:
             raise ValueError(f"rollout.backend={backend!r} must be hf or vllm")
         self._actor = ray.remote(worker_class)

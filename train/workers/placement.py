@@ -19,6 +19,11 @@ import math
 from dataclasses import dataclass, field
 
 
+def device_of(options: dict) -> str:
+    """The torch device of an actor started with Ray ``options``: cuda when they grant it a GPU (or a share of one)."""
+    return "cuda" if options.get("num_gpus", 0) > 0 else "cpu"
+
+
 @dataclass
 class Placement:
     """Ray actor options (``ray.remote(cls).options(**opts)``) per actor; ``group``: the placement group, if any."""

@@ -7,11 +7,17 @@ mean over ranks and over gradient-accumulation steps, the gradient is exactly th
 losses of the global batch, whatever the number of ranks or micro-batches (each loss is already divided by the
 global normaliser the aggregation chooses: the loss-token count for token-mean, a constant for Dr.GRPO, ...).
 The lr follows train/run/lr_schedule.py, one step per RL step; its state is saved with the optimizer's.
+
+Rendezvous (as OpenRLHF and verl): rank 0 opens the torch.distributed store on a free port of its own node and
+publishes its Ray node address and that port; the other ranks connect there. Nothing is chosen on the driver, so
+the ranks may sit on any nodes of the cluster.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from typing import Callable
 
 import torch
@@ -19,8 +25,37 @@ import torch
 from data_pipelines.packing import PackedBatch
 from train.models.forward import token_logprobs
 from train.models.model_zoo import load_model
+from train.models.runtime import resolve_precision
 from train.run.lr_schedule import restore as restore_lr_schedule
 from train.run.lr_schedule import warmup_then_decay
+
+
+def compute_dtype(precision: str, on_gpu: bool) -> torch.dtype:
+    """The trainer's compute dtype for ``trainer.precision``: bf16 on GPU for auto and bf16 (DeepSpeed's bf16 mode),
+    fp32 for fp32 and always on CPU (the CPU ranks train in fp32). The reference model runs in the same one."""
+    dtype = resolve_precision(precision, torch.device("cuda" if on_gpu else "cpu"))
+    return dtype if on_gpu else torch.float32
+
+
+def network_interface(address: str) -> str | None:
+    """The network interface that holds ``address``, else the one whose IPv4 network contains it (a loopback alias
+    such as 127.0.0.2 belongs to ``lo``); None if there is none."""
+    import psutil
+
+    interfaces = psutil.net_if_addrs()
+    for name, addrs in interfaces.items():
+        if any(a.address.split("%")[0] == address for a in addrs):
+            return name
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    for name, addrs in interfaces.items():
+        networks = [ipaddress.ip_network(f"{a.address}/{a.netmask}", strict=False)
+                    for a in addrs if a.family == socket.AF_INET and a.netmask]
+        if any(ip in network for network in networks):
+            return name
+    return None
 
 
 def deepspeed_config(trainer_cfg: dict, world_size: int, micro_batches_per_rank: int, on_gpu: bool) -> dict:
@@ -51,21 +86,24 @@ def deepspeed_config(trainer_cfg: dict, world_size: int, micro_batches_per_rank:
             },
         },
         "gradient_clipping": float(trainer_cfg.get("max_grad_norm", 0.0)),
-        "bf16": {"enabled": on_gpu and trainer_cfg.get("precision", "auto") in ("auto", "bf16")},
+        "bf16": {"enabled": compute_dtype(trainer_cfg.get("precision", "auto"), on_gpu) == torch.bfloat16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
 
 
 class PolicyTrainer:
-    """A DeepSpeed engine around the policy on one rank of a ``world_size`` world."""
+    """A DeepSpeed engine around the policy on one rank of a ``world_size`` world.
+
+    Built in steps, so that the world meets where rank 0 is: the constructor only keeps the settings; rank 0's
+    ``open_rendezvous()`` returns (address, port); then every rank's ``join(address, port)`` forms the
+    torch.distributed world and builds the engine (train/workers/actors.py ``TrainerGroup`` makes these calls).
+    """
 
     def __init__(
         self,
         rank: int,
         world_size: int,
-        master_addr: str,
-        master_port: int,
         model_path: str,
         attn_backend: str,
         trainer_cfg: dict,
@@ -73,24 +111,62 @@ class PolicyTrainer:
         seed: int = 0,
         num_threads: int | None = None,
     ):
+        self.rank, self.world_size, self.attn_backend = rank, world_size, attn_backend
+        self.model_path, self.trainer_cfg, self.micro_batches_per_rank = model_path, trainer_cfg, micro_batches_per_rank
+        self.seed, self.num_threads = seed, num_threads
+        self.store = None  # the torch.distributed TCPStore: rank 0's server, or a client of it
+        self.engine = None
+
+    def open_rendezvous(self) -> tuple[str, int]:
+        """Rank 0: start the world's store on a port of this node that the OS picks, and return (this node's Ray
+        address, that port) for every rank to ``join``. The store listens from now on, so no other process can take
+        the port between the choice and the rendezvous."""
+        import ray
+        from torch.distributed import TCPStore
+
+        if self.rank != 0:
+            raise RuntimeError(f"open_rendezvous is rank 0's; rank {self.rank} joins the address rank 0 returns")
+        address = ray.util.get_node_ip_address()
+        self.store = TCPStore(address, 0, self.world_size, is_master=True, wait_for_workers=False)
+        return address, self.store.port
+
+    def join(self, master_addr: str, master_port: int) -> dict:
+        """Join the world at rank 0's store (``open_rendezvous``) and build the DeepSpeed engine. Returns how this rank
+        connected: its node address, the store address it used, the interface gloo binds to."""
+        import ray
+        from torch.distributed import TCPStore
+
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        node = ray.util.get_node_ip_address() if ray.is_initialized() else None
+        # gloo binds each rank to the address its hostname resolves to unless told an interface; a hostname that
+        # resolves to loopback (Debian's 127.0.1.1) would leave ranks on other nodes unable to connect, so bind to
+        # the interface of the address Ray reaches this node by (a user's GLOO_SOCKET_IFNAME wins)
+        interface = network_interface(node) if node else None
+        if interface and "GLOO_SOCKET_IFNAME" not in os.environ:
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
         os.environ.update(
-            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-            WORLD_SIZE=str(world_size), LOCAL_RANK="0" if not on_gpu else str(rank % torch.cuda.device_count()),
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size), LOCAL_RANK="0" if not on_gpu else str(self.rank % torch.cuda.device_count()),
         )
         import deepspeed
 
         if not on_gpu:  # ranks share the machine's cores; more threads than cores makes every rank crawl
-            torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // world_size))
-        torch.manual_seed(seed)
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
-        self.rank, self.world_size, self.attn_backend = rank, world_size, attn_backend
+            torch.set_num_threads(self.num_threads or max(1, (os.cpu_count() or 1) // self.world_size))
+        torch.manual_seed(self.seed)
+        if self.rank == 0 and self.store is None:
+            raise RuntimeError("rank 0 must open_rendezvous() before join()")
+        if self.rank != 0:
+            self.store = TCPStore(master_addr, master_port, self.world_size, is_master=False)
+        backend = "nccl" if on_gpu else "gloo"
+        torch.distributed.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.world_size)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the world formed above
         self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpu else torch.device("cpu")
-        model = load_model(model_path, attn_backend, torch.float32, self.device)
+        model = load_model(self.model_path, self.attn_backend, torch.float32, self.device)
         model.train()
-        self.config = deepspeed_config(trainer_cfg, world_size, micro_batches_per_rank, on_gpu)
+        trainer_cfg = self.trainer_cfg
+        self.config = deepspeed_config(trainer_cfg, self.world_size, self.micro_batches_per_rank, on_gpu)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.config
         )
@@ -100,6 +176,8 @@ class PolicyTrainer:
                                              float(trainer_cfg.get("min_lr_ratio", 1.0)))
         self.last_gradients: dict[str, torch.Tensor] | None = None
         self.version = 0  # bumped at every optimizer step; rollouts record the version that generated them
+        return {"rank": self.rank, "node": node, "store": (self.store.host, self.store.port),
+                "gloo_interface": os.environ.get("GLOO_SOCKET_IFNAME") if backend == "gloo" else None}
 
     # -- forward ---------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -7,13 +7,23 @@ import torch
 from data_pipelines.packing import PackedBatch
 from train.models.forward import token_logprobs
 from train.models.model_zoo import load_model
+from train.workers.placement import device_of
+from train.workers.policy_trainer import compute_dtype
+
+
+def reference_settings(options: dict, precision: str) -> dict:
+    """``ReferenceWorker`` keyword arguments for an actor started with Ray ``options``: the device its placement
+    grants (cuda with a GPU or a share of one, else cpu) and the trainer's compute dtype for ``trainer.precision``
+    (bf16 on GPU for auto/bf16, else fp32), so its log-probs are computed as the policy's are."""
+    device = device_of(options)
+    return {"device": device, "dtype": compute_dtype(precision, device == "cuda")}
 
 
 class ReferenceWorker:
-    def __init__(self, model_path: str, attn_backend: str = "sdpa", device: str = "cpu"):
+    def __init__(self, model_path: str, attn_backend: str = "sdpa", device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
         self.attn_backend = attn_backend
-        self.model = load_model(model_path, attn_backend, torch.float32, self.device).eval()
+        self.model = load_model(model_path, attn_backend, dtype, self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
