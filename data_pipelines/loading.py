@@ -88,7 +88,7 @@ def load_split(data_cfg, split: str, require_assistant: bool = True) -> list[dic
         validate_rows(rows, f"synthetic {split}", require_assistant)
         return rows
     if data_cfg.source != "files":
-        raise ValueError(f"data.source={data_cfg.source!r} must be 'synthetic' or 'files'")
+        raise DataValidationError(f"data.source={data_cfg.source!r} must be 'synthetic' or 'files'")
     rows = []
     for name, file_rows in load_files(check_files(data_cfg[f"{split}_files"], f"data.{split}_files")):
         validate_rows(file_rows, name, require_assistant)

@@ -25,12 +25,16 @@ from typing import Callable
 import torch
 
 
+class RewardConfigError(ValueError):
+    """A ``reward`` config the rewards cannot be built from (``python -m train`` prints it as one line)."""
+
+
 class CombinedReward:
     """total_i = sum_k w_k * r_k(i); every component checked for shape and finiteness, by name."""
 
     def __init__(self, components: dict[str, Callable], weights: dict[str, float]):
         if not components:
-            raise ValueError("reward: no reward component selected; use e.g. reward=[correctness,format]")
+            raise RewardConfigError("reward: no reward component selected; use e.g. reward=[correctness,format]")
         self.components = components
         self.weights = weights
 
@@ -85,11 +89,11 @@ def build_reward(reward_cfg) -> CombinedReward:
     components, weights = {}, {}
     for name, node in cfg.items():
         if not isinstance(node, dict) or "_target_" not in node:
-            raise ValueError(f"reward.{name} must be a node with `_target_` and `weight` (see configs/reward/)")
+            raise RewardConfigError(f"reward.{name} must be a node with `_target_` and `weight` (see configs/reward/)")
         node = dict(node)
         weight = node.pop("weight", 1.0)
         if weight is None or not isinstance(weight, (int, float)):
-            raise ValueError(f"reward.{name}.weight must be a number, got {weight!r}")
+            raise RewardConfigError(f"reward.{name}.weight must be a number, got {weight!r}")
         components[name] = instantiate(node)
         weights[name] = float(weight)
     return CombinedReward(components, weights)

@@ -1,9 +1,10 @@
 """Entry point: ``python -m train experiment=quickstart [key=value ...]``.
 
 Composes the Hydra config (configs/), picks the recipe named by ``algorithm.recipe`` and runs it.
-``--cfg job`` prints the composed config; ``--help`` lists the config groups. A bad config value, data row or
-path (``ValueError``/``KeyError``/``FileNotFoundError``, a trainer failure) prints one line naming the problem and
-exits with status 1; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
+``--cfg job`` prints the composed config; ``--help`` lists the config groups. Bad input (a config check, a bad
+data row, a missing file, a config node whose target refuses its values, a trainer failure) prints one line naming
+the problem and exits with status 1; ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Any other exception is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
 
+from train.run.config_checks import ConfigError
+
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 RECIPES = {"sft": "train.sft.recipe", "rl": "train.rl.recipe"}
 
@@ -27,7 +30,7 @@ def run(cfg: DictConfig) -> dict:
     """Run the recipe of ``cfg.algorithm.recipe`` (the programmatic entry point; tests call this)."""
     recipe = cfg.algorithm.get("recipe")
     if recipe not in RECIPES:
-        raise ValueError(f"algorithm.recipe={recipe!r} is not one of {sorted(RECIPES)}")
+        raise ConfigError(f"algorithm.recipe={recipe!r} is not one of {sorted(RECIPES)}")
     return importlib.import_module(RECIPES[recipe]).run(cfg)
 
 
@@ -46,13 +49,19 @@ def main(cfg: DictConfig) -> None:
 
 
 def is_user_error(err: BaseException) -> bool:
-    """Bad input rather than a bug: a bad value or key, a missing file, a trainer failure (its message says how
-    to resume), or one of those raised while Hydra instantiated a config node."""
+    """Bad input rather than a bug: the project's input errors, a missing file, an OmegaConf key error, or a
+    value refused by a config node's ``_target_`` while Hydra instantiated it."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from data_pipelines.validation import DataValidationError
+    from rewards.registry import RewardConfigError
+    from train.sft.curriculum import CurriculumError
     from train.workers.actors import TrainerFailure
 
-    if isinstance(err, InstantiationException) and err.__cause__ is not None:
-        return is_user_error(err.__cause__)
-    return isinstance(err, (ValueError, KeyError, FileNotFoundError, TrainerFailure))
+    if isinstance(err, InstantiationException):
+        return isinstance(err.__cause__, (ValueError, KeyError, TypeError))
+    return isinstance(err, (ConfigError, DataValidationError, RewardConfigError, CurriculumError, TrainerFailure,
+                            FileNotFoundError, OmegaConfBaseException))
 
 
 def user_message(err: BaseException) -> str:

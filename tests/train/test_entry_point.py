@@ -32,3 +32,15 @@ def test_bad_input_prints_one_line_and_exits_nonzero(tmp_path, override, message
 def test_full_error_shows_the_traceback(tmp_path):
     out = _train(tmp_path, "trainer.grad_accum=0", full_error=True)
     assert out.returncode == 1 and "Traceback" in out.stderr
+
+
+def test_only_bad_input_is_shortened():
+    """A plain ValueError or KeyError from code is a bug and keeps its traceback; input errors become one line."""
+    import train.__main__ as entry
+    from train.run.config_checks import ConfigError
+
+    assert not entry.is_user_error(ValueError("not enough values to unpack"))
+    assert not entry.is_user_error(KeyError("weights"))
+    assert entry.is_user_error(ConfigError("trainer.lr=-1 must be > 0"))
+    assert entry.user_message(KeyError("reward.bingo.reference=metadata needs\nmetadata['x']")) == \
+        "reward.bingo.reference=metadata needs metadata['x']"

@@ -39,7 +39,7 @@ class RLCheckpoints:
     def resume(self, directory: Path) -> int:
         """Load the checkpoint in ``directory`` into every part; returns its step."""
         state = checkpoint.load_trainer_state(directory)
-        self.actors.trainer.load_state(str(directory))
+        self.actors.trainer.load_state(str(directory), state["step"])
         pending = torch.load(directory / PENDING_FILE, weights_only=False) if (directory / PENDING_FILE).exists() else None
         self.rounds.load_state_dict({"sampler": state["sampler"], "pending": pending})
         self.actors.rewards.load_state_dict(state.get("reward", {}))  # e.g. Bingo's dynamic length schedule

@@ -50,7 +50,8 @@ class RLLoop:
         batch = self.rounds.next(step)
         if len(batch.rollouts) < self.micro_batches:  # every group was dropped: nothing to learn from this step
             trainer.advance_lr_schedule()
-            self.logger.log(metrics := skipped_step_metrics(batch), step + 1)
+            metrics = skipped_step_metrics(batch)
+            self.logger.log(metrics, step + 1)
             return metrics
         updates = pack_updates(batch.rollouts, self.micro_batches, int(self.t_cfg.get("ppo_mini_batches", 1)),
                                share_prompt=self.setup.share_prompt, group_size=algorithm.group_size,

@@ -55,8 +55,8 @@ def run(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> 
             last = checkpoint.latest(run_dir)
             raise TrainerFailure(
                 f"{err}. The run stopped at step {loop.step_count}; the last good checkpoint is "
-                f"{last if last else 'none (no checkpoint was saved yet)'}. Fix the cause (see the trainer actor's log "
-                f"above), then rerun the same command with run_dir={run_dir} and trainer.resume=auto to continue from it."
+                f"{last if last else 'none (no checkpoint was saved yet)'}. Fix the cause (the trainer rank's own log is in Ray's "
+                f"session logs, /tmp/ray/session_latest/logs/worker-*.err), then rerun the same command with run_dir={run_dir} and trainer.resume=auto to continue from it."
             ) from err
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics:    {logger.metrics_path}")

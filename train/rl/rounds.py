@@ -147,8 +147,9 @@ class Rounds:
             return Ready((merge_turns(turns), turns))
         pending = pool.submit([p.text for p in prompts], group_size, seed=seed, **self.sampling)
         # reward workers score the rollouts as soon as they exist (during the update, when async)
-        scoring = self.rewards.submit_rollouts(prompts, pending.shard_refs(), step=at_step, group_size=group_size) \
-            if self.rewards_in_workers else None
+        scoring = None
+        if self.rewards_in_workers:
+            scoring = self.rewards.submit_rollouts(prompts, pending.shard_refs(), step=at_step, group_size=group_size)
         return Generating(pending, scoring)
 
     def _collect(self, round_: Submitted) -> Scored:

@@ -35,7 +35,8 @@ def warmup_then_decay(optimizer, peak_lr: float, warmup_steps: int, total_steps:
         return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr_rate=min_lr_ratio)
     if decay == "linear" and min_lr_ratio < 1.0:
         optimizer.defaults["lr"] = peak_lr  # the polynomial schedule reads its peak from the optimizer's defaults
-        return get_polynomial_decay_schedule_with_warmup(optimizer, warmup_steps, total_steps,
+        # it divides by total - warmup unguarded (a phase that is all warmup): one decay step at least
+        return get_polynomial_decay_schedule_with_warmup(optimizer, warmup_steps, max(total_steps, warmup_steps + 1),
                                                          lr_end=peak_lr * min_lr_ratio, power=1.0)
     return get_constant_schedule_with_warmup(optimizer, warmup_steps)
 

@@ -90,8 +90,8 @@ class TrainerGroup:
     def save_state(self, path: str) -> None:
         self._get([rank.save_state.remote(path) for rank in self.ranks], "checkpointing")
 
-    def load_state(self, path: str) -> None:
-        self._get([rank.load_state.remote(path) for rank in self.ranks], "resume")
+    def load_state(self, path: str, step: int) -> None:
+        self._get([rank.load_state.remote(path, step) for rank in self.ranks], "resume")
 
     def advance_lr_schedule(self) -> float:
         """End of an RL step: every rank's schedule moves on; returns the lr the step used."""

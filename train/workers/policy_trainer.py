@@ -260,8 +260,13 @@ class PolicyTrainer:
         self.engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state",
                                     client_state={"version": self.version, "lr_schedule": self.lr_schedule.state_dict()})
 
-    def load_state(self, path: str) -> None:
+    def load_state(self, path: str, step: int) -> None:
+        """Resume at RL step ``step``; a checkpoint from before lr schedules were saved moves the schedule there."""
         _, client = self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state")
-        self.version = int((client or {}).get("version", 0))
-        if (client or {}).get("lr_schedule") is not None:
+        client = client or {}
+        self.version = int(client.get("version", 0))
+        if client.get("lr_schedule") is not None:
             restore_lr_schedule(self.lr_schedule, client["lr_schedule"])
+        else:
+            for _ in range(step):
+                self.lr_schedule.step()

@@ -51,3 +51,10 @@ def test_unknown_decay_is_refused():
     optimizer = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=1.0)
     with pytest.raises(ValueError, match="decay 'step' must be one of cosine, linear, constant"):
         warmup_then_decay(optimizer, 1e-3, 0, 10, 0.0, "step")
+
+
+def test_a_linear_phase_that_is_all_warmup_steps_past_its_end():
+    """transformers' polynomial schedule divides by total - warmup; a phase of only warmup must still step."""
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=1.0)
+    used = _used_lrs(warmup_then_decay(optimizer, 2e-3, 4, 4, 0.1, "linear"), 5)  # the 5th: the step after the phase
+    assert used[:4] == pytest.approx([0.0, 5e-4, 1e-3, 1.5e-3], rel=1e-12, abs=1e-18)
