@@ -57,3 +57,14 @@ def test_on_step_sees_every_step_with_its_metrics(compose, tmp_path, ray_cleanup
               on_step=lambda step, metrics: seen.append((step, metrics["reward/total"])))
     assert [s for s, _ in seen] == [1, 2]
     assert [r for _, r in seen] == [h["reward/total"] for h in out["history"]]
+
+
+def test_rewards_in_the_driver_give_the_workers_results(compose, tmp_path, ray_cleanup):  # noqa: F811
+    """rollout.reward_workers=0 scores in the driver (no reward actor): the same first step as a reward worker."""
+    from train.rl.recipe import run
+
+    base = FAST_RL + VARIED_REWARD + ["trainer.max_steps=1", "trainer.save_every=0"]
+    in_driver = run(compose(base + ["rollout.reward_workers=0", f"run_dir={tmp_path}/driver"]))["history"][0]
+    in_worker = run(compose(base + [f"run_dir={tmp_path}/worker"]))["history"][0]
+    for key in ("reward/total", "reward/correctness", "reward/kimi_length", "train/advantage_abs_mean", "train/loss"):
+        assert in_driver[key] == in_worker[key], key
