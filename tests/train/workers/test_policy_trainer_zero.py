@@ -1,6 +1,5 @@
 """One policy update on 2 DeepSpeed ranks (ZeRO-1/2/3, gloo on CPU) equals a single-process update."""
 
-import os
 from functools import partial
 
 import pytest
@@ -19,8 +18,9 @@ TRAINER = {"lr": 1e-2, "betas": [0.9, 0.95], "weight_decay": 0.0, "max_grad_norm
 
 @pytest.fixture(scope="module")
 def ray_session():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    from train.workers.ray_session import init_ray
+
+    init_ray(num_cpus=4)  # a local Ray for this module's actors
     yield
     ray.shutdown()
 

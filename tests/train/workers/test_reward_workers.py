@@ -1,7 +1,6 @@
 """Reward workers (train/workers/reward_workers.py): same results as the in-process rewards, a killed worker is replaced
 and its share scored once, reward state (Bingo's schedule) survives a replacement, bad settings fail at start."""
 
-import os
 
 import pytest
 import torch
@@ -26,8 +25,9 @@ BINGO = {
 
 @pytest.fixture(scope="module")
 def ray_session():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    from train.workers.ray_session import init_ray
+
+    init_ray(num_cpus=2)  # a local Ray for this module's actors
     yield
     ray.shutdown()
 
