@@ -54,14 +54,14 @@ def is_user_error(err: BaseException) -> bool:
     from omegaconf.errors import OmegaConfBaseException
 
     from data_pipelines.validation import DataValidationError
-    from rewards.registry import RewardConfigError
+    from rewards.registry import RewardConfigError, RewardFunctionError
     from train.sft.curriculum import CurriculumError
     from train.workers.actors import TrainerFailure
 
     if isinstance(err, InstantiationException):
         return isinstance(err.__cause__, (ValueError, KeyError, TypeError))
-    return isinstance(err, (ConfigError, DataValidationError, RewardConfigError, CurriculumError, TrainerFailure,
-                            FileNotFoundError, OmegaConfBaseException))
+    return isinstance(err, (ConfigError, DataValidationError, RewardConfigError, RewardFunctionError, CurriculumError,
+                            TrainerFailure, FileNotFoundError, OmegaConfBaseException))
 
 
 def user_message(err: BaseException) -> str:

@@ -14,6 +14,11 @@ driver can checkpoint it (``state_dict``) and restore it on resume (``load_state
 refs and starts as soon as the rollouts exist, while the driver does other work (with ``rollout.async_steps=1``,
 the policy update). Such a call is not retried: if a rollout or reward worker died, ``result`` raises and the
 caller scores the (regenerated) rollouts with a plain call, which replaces a dead reward worker.
+
+A reward function that fails (raises, returns NaN, hangs past its ``timeout_s``) stops the call with the
+worker's ``RewardFunctionError`` (rewards/registry.py), unwrapped from Ray's error; a worker stuck where the in-worker
+limit cannot reach (inside C code) is killed when the call's wait passes the sum of the components' limits plus a
+minute, and the call raises ``RewardFunctionError`` naming the components.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ class RewardPool:
             )
         self.state: dict = {}
         self.restarts = 0
+        self.timeout_s = call_timeout_s(reward_cfg)
 
     def _replace(self, index: int) -> None:
         worker = self._actor.remote(self.reward_cfg, self.num_threads)
@@ -143,6 +149,16 @@ class RewardPool:
             ray.kill(w)
 
 
+def call_timeout_s(reward_cfg: dict) -> float | None:
+    """The longest a scoring call may take: the sum of the components' ``timeout_s`` (registry default when unset)
+    plus 60 s for Ray; None when a component has no limit."""
+    from rewards.registry import DEFAULT_TIMEOUT_S
+
+    limits = [node.get("timeout_s", DEFAULT_TIMEOUT_S) if isinstance(node, dict) else DEFAULT_TIMEOUT_S
+              for node in reward_cfg.values()]
+    return None if any(limit is None for limit in limits) else float(sum(limits)) + 60.0
+
+
 class PendingScore:
     """A batch being scored, each worker on a share of whole groups; ``call(worker, lo, hi)`` starts a share.
     ``retry``: a share whose worker died is scored again on a replacement."""
@@ -153,7 +169,18 @@ class PendingScore:
                              "reward workers")
 
     def result(self):
-        parts = self.shares.results(retry=self.retry)
+        from rewards.registry import RewardFunctionError
+
+        try:
+            parts = self.shares.results(retry=self.retry, timeout_s=self.pool.timeout_s)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, (RewardFunctionError, ValueError, KeyError)):
+                raise err.cause from None  # the reward's own one-line error, not Ray's traceback
+            raise
+        except TimeoutError as err:
+            names = ", ".join(f"reward.{name}" for name in self.pool.reward_cfg)
+            raise RewardFunctionError(f"{err}: one of {names} hangs inside code its timeout_s cannot interrupt; fix "
+                                      "it or raise its timeout_s") from None
         total = torch.cat([p[0] for p in parts])
         components = {name: torch.cat([p[1][name] for p in parts]) for name in parts[0][1]}
         diagnostics = {}

@@ -7,6 +7,8 @@ replacement worker, so nothing is lost and nothing is done twice.
 
 from __future__ import annotations
 
+import time
+
 import ray
 
 
@@ -34,16 +36,24 @@ class Shares:
         """The object refs of the shares as first launched, in batch order."""
         return [ref for ref, i in sorted(self.first_refs.items(), key=lambda item: self.bounds[item[1]][0])]
 
-    def results(self, retry: bool = True) -> list:
+    def results(self, retry: bool = True, timeout_s: float | None = None) -> list:
         """Every share's result, in batch order. ``retry``: a share whose worker died runs again on a replacement
-        (at most ``max_restarts`` times in all); otherwise the RayActorError propagates."""
+        (at most ``max_restarts`` times in all); otherwise the RayActorError propagates. ``timeout_s``: a wait for
+        the whole call longer than this kills the workers still busy (replaced for the next call) and raises
+        ``TimeoutError``; None waits without limit."""
         done: dict[int, object] = {}
         failures = 0
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while self.todo:
             for ref, i in self.refs.items():
                 try:
-                    done[self.todo[i][0]] = ray.get(ref)
+                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    done[self.todo[i][0]] = ray.get(ref, timeout=remaining)
                     del self.todo[i]
+                except ray.exceptions.GetTimeoutError:
+                    self._give_up_on_busy_workers()
+                    raise TimeoutError(f"{self.what}: no result within {timeout_s:g} s; the busy workers were "
+                                       "stopped (replaced for the next call)") from None
                 except ray.exceptions.RayActorError:
                     if not retry:
                         raise
@@ -53,3 +63,8 @@ class Shares:
                     self.replace(i)  # its share stays in `todo` and runs again on the replacement
             self.refs = self._launch()
         return [done[lo] for lo in sorted(done)]
+
+    def _give_up_on_busy_workers(self) -> None:
+        for i in list(self.todo):
+            ray.kill(self.workers[i])
+            self.replace(i)
