@@ -55,13 +55,14 @@ def is_user_error(err: BaseException) -> bool:
 
     from data_pipelines.validation import DataValidationError
     from rewards.registry import RewardConfigError, RewardFunctionError
+    from train.run.checkpoint import CheckpointWriteError
     from train.sft.curriculum import CurriculumError
     from train.workers.actors import TrainerFailure
 
     if isinstance(err, InstantiationException):
         return isinstance(err.__cause__, (ValueError, KeyError, TypeError))
     return isinstance(err, (ConfigError, DataValidationError, RewardConfigError, RewardFunctionError, CurriculumError,
-                            TrainerFailure, FileNotFoundError, OmegaConfBaseException))
+                            TrainerFailure, CheckpointWriteError, FileNotFoundError, OmegaConfBaseException))
 
 
 def user_message(err: BaseException) -> str:

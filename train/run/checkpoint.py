@@ -15,6 +15,9 @@ next save restores or removes what a killed save left behind. The fsyncs are the
 the same order on a disk that honours them (tested: kills, not power loss). ``keep_last`` deletes by write
 order, never the checkpoint just written nor the one ``latest`` names, so a run resumed from an older step keeps
 what it writes. One process writes a run's checkpoints at a time (the stale-file cleanup assumes it).
+
+A save that cannot write (disk full, run dir unwritable or not a directory) raises ``CheckpointWriteError`` naming
+the directory, the reason and the checkpoint still intact; its partial files are removed, nothing earlier is touched.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ STAGES = (
     "pruned",  # keep_last applied
 )
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (``python -m train`` prints it as one line)."""
+
+
 _STEP_DIR = re.compile(r"step_(\d+)")
 _ASIDE_DIR = re.compile(r"\.aside_step_(\d+)_\d+")
 
@@ -75,8 +82,23 @@ def save(run_dir, step: int, model, tokenizer, trainer_state: dict, keep_last: i
 
     ``write_extra(tmp_dir)`` adds files (DeepSpeed state, momentum weights) before the commit, so they are covered
     by it. ``on_stage(name)`` is called after each of ``STAGES``."""
-    stage = on_stage or (lambda name: None)
     root = Path(run_dir) / "checkpoints"
+    try:
+        return _save(root, step, model, tokenizer, trainer_state, keep_last, write_extra, on_stage or (lambda name: None))
+    except OSError as err:
+        if isinstance(err, CheckpointWriteError):
+            raise
+        for partial in root.glob(f".tmp_step_{step}_{os.getpid()}") if root.is_dir() else []:
+            shutil.rmtree(partial, ignore_errors=True)
+        intact = latest(run_dir) if root.is_dir() else None
+        kept = f"the last checkpoint, {intact}, is intact" if intact else "no earlier checkpoint exists"
+        raise CheckpointWriteError(
+            f"checkpoint step_{step}: could not write under {root} ({err.strerror or err}); {kept}: free disk space or "
+            "make run_dir writable, then rerun with trainer.resume=auto") from err
+
+
+def _save(root: Path, step: int, model, tokenizer, trainer_state: dict, keep_last: int, write_extra, stage) -> Path:
+    run_dir = root.parent
     root.mkdir(parents=True, exist_ok=True)
     _fsync_dir(root.parent)
     _recover(root)
