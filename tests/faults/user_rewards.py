@@ -39,3 +39,10 @@ def swallows_everything(prompts, responses, response_ids, metadata, **context):
 
 def ones(prompts, responses, response_ids, metadata, **context):
     return torch.ones(len(responses))
+
+
+def fails_from_second_step(prompts, responses, response_ids, metadata, *, step, **context):
+    """Scores 1 at the first RL step (step 0), then raises (a user's bug hit mid-run)."""
+    if step >= 1:
+        raise KeyError("difficulty")
+    return torch.ones(len(responses))

@@ -35,6 +35,7 @@ def run(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> 
     from train.rl.loop import RLLoop
     from train.rl.setup import RLSetup
     from train.rl.startup import start_actors
+    from rewards.registry import RewardFunctionError
     from train.workers.actors import TrainerFailure
 
     run_dir = Path(cfg.run_dir)
@@ -51,16 +52,21 @@ def run(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> 
         loop = RLLoop(cfg, setup, actors, logger, hf_model, on_step)
         try:
             summary = loop.run(setup.resume_from)
-        except TrainerFailure as err:
-            last = checkpoint.latest(run_dir)
-            raise TrainerFailure(
-                f"{err}. The run stopped at step {loop.step_count}; the last good checkpoint is "
-                f"{last if last else 'none (no checkpoint was saved yet)'}. Fix the cause (the trainer rank's own log is in Ray's "
-                f"session logs, /tmp/ray/session_latest/logs/worker-*.err), then rerun the same command with run_dir={run_dir} and trainer.resume=auto to continue from it."
-            ) from err
+        except (TrainerFailure, RewardFunctionError) as err:
+            logs = (" (the trainer rank's own log is in Ray's session logs, /tmp/ray/session_latest/logs/worker-*.err)"
+                    if isinstance(err, TrainerFailure) else "")
+            raise type(err)(f"{err}. {stopped_at(loop.step_count, run_dir)} Fix the cause{logs}, then rerun the same "
+                            f"command with run_dir={run_dir} and trainer.resume=auto to continue from it.") from err
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics:    {logger.metrics_path}")
     if "eval/accuracy" in summary:
         start = summary["initial_eval"].get("eval/accuracy")
         print(f"held-out exact match: {summary['eval/accuracy']:.3f}" + (f" (start {start:.3f})" if start is not None else ""))
     return summary
+
+
+def stopped_at(step_count: int, run_dir: Path) -> str:
+    """Where a failed run stands: its last finished step and its last good checkpoint."""
+    last = checkpoint.latest(run_dir)
+    return (f"The run stopped after step {step_count}; the last good checkpoint is "
+            f"{last if last else 'none (no checkpoint was saved yet)'}.")
