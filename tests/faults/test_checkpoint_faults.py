@@ -23,6 +23,18 @@ def disk_full(_tmp_dir):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+class RemoteFailure(RuntimeError):
+    """As a trainer rank's failure reaches the driver: Ray's error, the rank's own exception as ``.cause``."""
+
+    def __init__(self, cause):
+        super().__init__("a policy trainer rank failed during save_state")
+        self.cause = cause
+
+
+def disk_full_on_a_trainer_rank(_tmp_dir):
+    raise RemoteFailure(OSError(errno.ENOSPC, "No space left on device"))
+
+
 class FullDiskModel:
     """A model whose weights stop half-written because the disk filled up."""
 
@@ -44,11 +56,11 @@ def _assert_only_step_1(run_dir, models):
     assert checkpoint.resolve_resume("auto", run_dir) == path
 
 
-@pytest.mark.parametrize("where", ["weights", "deepspeed_state"])
+@pytest.mark.parametrize("where", ["weights", "deepspeed_state", "deepspeed_state_on_a_rank"])
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_says_so(where, models, tiny_tokenizer, tmp_path):
     checkpoint.save(tmp_path, 1, models["old"], tiny_tokenizer, {"tag": "old"})
     model = FullDiskModel(models["new"]) if where == "weights" else models["new"]
-    extra = disk_full if where == "deepspeed_state" else None
+    extra = {"deepspeed_state": disk_full, "deepspeed_state_on_a_rank": disk_full_on_a_trainer_rank}.get(where)
     with pytest.raises(checkpoint.CheckpointWriteError,
                        match=rf"^checkpoint step_2: could not write under {tmp_path}/checkpoints \(No space left on "
                              rf"device\); the last checkpoint, {tmp_path}/checkpoints/step_1, is intact: free disk "
@@ -65,6 +77,14 @@ def test_a_run_dir_that_cannot_be_created_is_one_clear_error(models, tiny_tokeni
     with pytest.raises(checkpoint.CheckpointWriteError, match=r"^checkpoint step_1: could not write under .*a_file/run/"
                        r"checkpoints \(Not a directory\); no earlier checkpoint exists"):
         checkpoint.save(run_dir, 1, models["old"], tiny_tokenizer, {"tag": "old"})
+
+
+def test_other_errors_during_a_save_keep_their_type(models, tiny_tokenizer, tmp_path):
+    def bug(_tmp_dir):
+        raise ZeroDivisionError("a bug, not the disk")
+
+    with pytest.raises(ZeroDivisionError):
+        checkpoint.save(tmp_path, 1, models["old"], tiny_tokenizer, {"tag": "old"}, write_extra=bug)
 
 
 def test_a_checkpoint_write_error_prints_as_one_line(tmp_path):

@@ -85,16 +85,29 @@ def save(run_dir, step: int, model, tokenizer, trainer_state: dict, keep_last: i
     root = Path(run_dir) / "checkpoints"
     try:
         return _save(root, step, model, tokenizer, trainer_state, keep_last, write_extra, on_stage or (lambda name: None))
-    except OSError as err:
-        if isinstance(err, CheckpointWriteError):
+    except Exception as err:
+        os_error = _os_error(err)
+        if os_error is None or isinstance(err, CheckpointWriteError):
             raise
         for partial in root.glob(f".tmp_step_{step}_{os.getpid()}") if root.is_dir() else []:
             shutil.rmtree(partial, ignore_errors=True)
         intact = latest(run_dir) if root.is_dir() else None
         kept = f"the last checkpoint, {intact}, is intact" if intact else "no earlier checkpoint exists"
         raise CheckpointWriteError(
-            f"checkpoint step_{step}: could not write under {root} ({err.strerror or err}); {kept}: free disk space or "
-            "make run_dir writable, then rerun with trainer.resume=auto") from err
+            f"checkpoint step_{step}: could not write under {root} ({os_error.strerror or os_error}); {kept}: free disk "
+            "space or make run_dir writable, then rerun with trainer.resume=auto") from err
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind ``err``: itself, or one in its cause chain (a trainer rank's failed DeepSpeed write
+    arrives wrapped by Ray, the original as ``.cause``)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError):
+            return err
+        err = getattr(err, "cause", None) or err.__cause__
+        seen += 1
+    return None
 
 
 def _save(root: Path, step: int, model, tokenizer, trainer_state: dict, keep_last: int, write_extra, stage) -> Path:
