@@ -198,9 +198,9 @@ def gpg_advantages(
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
     if alpha == "valid":
         valid = (grouped.max(dim=1).values > grouped.min(dim=1).values).sum() * group_size
-        centred = centred * (rewards.numel() / valid.clamp(min=1))
+        centred = centred * (rewards.numel() / valid.clamp(min=1).to(centred.dtype))
     elif alpha == "nonzero":
-        centred = centred * (rewards.numel() / torch.count_nonzero(rewards).clamp(min=1))
+        centred = centred * (rewards.numel() / torch.count_nonzero(rewards).clamp(min=1).to(centred.dtype))
     return centred.reshape(-1)  # [batch]
 
 
