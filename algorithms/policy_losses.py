@@ -100,15 +100,8 @@ def advantage_weighted_ce(
     return loss, {}
 
 
-def gspo(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    eps_low: float = 3e-4,
-    eps_high: float = 4e-4,
-) -> tuple[torch.Tensor, dict]:
+def gspo(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+         response_mask: torch.Tensor, *, eps_low: float = 3e-4, eps_high: float = 4e-4) -> tuple[torch.Tensor, dict]:
     """GSPO, Group Sequence Policy Optimization (Zheng et al., Qwen team, arXiv 2507.18071), token form GSPO-token.
 
         s_i   = (pi(o_i|q) / pi_old(o_i|q))^(1/|o_i|) = exp(1/|o_i| * sum_t (log pi_it - log pi_old_it))
@@ -131,15 +124,8 @@ def gspo(
     return _clip_loss(torch.exp(log_s), adv, response_mask, eps_low, eps_high)
 
 
-def cispo(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    eps_low: float = 1.0,
-    eps_high: float = 0.28,
-) -> tuple[torch.Tensor, dict]:
+def cispo(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+          response_mask: torch.Tensor, *, eps_low: float = 1.0, eps_high: float = 0.28) -> tuple[torch.Tensor, dict]:
     """CISPO, clipped IS-weight policy optimisation (MiniMax-M1, arXiv 2506.13585, sec. 3.1 eq. 4-5).
 
         r_it      = pi_it / pi_old_it
@@ -169,18 +155,9 @@ def _covariance(logprobs: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor) 
     return (adv - adv[valid].mean()) * (lp - lp[valid].mean())  # [batch, resp_len]
 
 
-def clip_cov(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    clip_ratio: float = 2e-4,
-    cov_lb: float = 1.0,
-    cov_ub: float = 5.0,
-) -> tuple[torch.Tensor, dict]:
+def clip_cov(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor,
+             *, eps_low: float = 0.2, eps_high: float = 0.2, clip_ratio: float = 2e-4, cov_lb: float = 1.0,
+             cov_ub: float = 5.0) -> tuple[torch.Tensor, dict]:
     """Clip-Cov (Cui et al., "The Entropy Mechanism of RL for Reasoning LMs", arXiv 2505.22617, sec. 4).
 
         Cov_it  = (A_it - mean(A)) * (log pi_it - mean(log pi))          means over the batch's tokens
@@ -195,7 +172,8 @@ def clip_cov(
     """
     _check_clip(eps_low, eps_high)
     if clip_ratio <= 0 or cov_lb >= cov_ub:
-        raise ValueError(f"algorithm.loss.policy_loss: clip_ratio={clip_ratio} must be > 0 and cov_lb={cov_lb} < cov_ub={cov_ub}")
+        raise ValueError(f"algorithm.loss.policy_loss: clip_ratio={clip_ratio} must be > 0 and "
+                         f"cov_lb={cov_lb} < cov_ub={cov_ub}")
     adv = _token_advantages(advantages, logprobs)
     ratio = torch.exp(logprobs - old_logprobs.detach())
     loss, metrics = _clip_loss(ratio, adv, response_mask, eps_low, eps_high)
@@ -212,15 +190,8 @@ def clip_cov(
     return loss * keep, metrics
 
 
-def kl_cov(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    kl_ratio: float = 2e-3,
-    kl_coef: float = 1.0,
-) -> tuple[torch.Tensor, dict]:
+def kl_cov(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+           response_mask: torch.Tensor, *, kl_ratio: float = 2e-3, kl_coef: float = 1.0) -> tuple[torch.Tensor, dict]:
     """KL-Cov (Cui et al., arXiv 2505.22617, sec. 4): a KL penalty on the tokens of largest covariance only.
 
         Cov_it  = (A_it - mean(A)) * (log pi_it - mean(log pi))          means over the batch's tokens
@@ -244,5 +215,6 @@ def kl_cov(
         penalised[valid.nonzero()[top].unbind(1)] = True
     loss = -ratio * adv + kl_coef * log_ratio.abs() * penalised
     with torch.no_grad():
-        metrics = {"cov_kl_frac": _masked_mean(penalised.float(), response_mask), "ratio_mean": _masked_mean(ratio, response_mask)}
+        metrics = {"cov_kl_frac": _masked_mean(penalised.float(), response_mask),
+                   "ratio_mean": _masked_mean(ratio, response_mask)}
     return loss, metrics

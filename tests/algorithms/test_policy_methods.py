@@ -9,12 +9,23 @@ from functools import partial
 import pytest
 import torch
 
-from algorithms.advantages import gpg_advantages, passk_advantages, reinforce_pp_advantages, remax_advantages
+from algorithms.advantages import (
+    gpg_advantages,
+    passk_advantages,
+    reinforce_pp_advantages,
+    remax_advantages,
+)
 from algorithms.aggregation import aggregate_loss
 from algorithms.kl import kl_estimate
 from algorithms.mismatch import rollout_correction
 from algorithms.objective import policy_objective
-from algorithms.policy_losses import advantage_weighted_ce, cispo, clip_cov, gspo, kl_cov
+from algorithms.policy_losses import (
+    advantage_weighted_ce,
+    cispo,
+    clip_cov,
+    gspo,
+    kl_cov,
+)
 
 torch.manual_seed(3)
 B, T = 4, 5
@@ -44,7 +55,7 @@ def test_gspo_sequence_ratio_clipped_per_sequence():
         if s * a <= clipped * a:  # the unclipped term is active: d(-s a)/d logp_it = -a s / n
             for t in range(n):
                 grad_ref[i, t] = -a * s / n / B
-    loss, grad, metrics = grad_of(partial(gspo, eps_low=eps_low, eps_high=eps_high), "seq-mean-token-mean")
+    loss, grad, _ = grad_of(partial(gspo, eps_low=eps_low, eps_high=eps_high), "seq-mean-token-mean")
     assert loss == pytest.approx(loss_ref, abs=1e-12)
     torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-12)
     assert 0 < grad.abs().sum() and (grad == 0).all(dim=1).any()  # some sequences clipped whole, some not

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from algorithms.advantages import gpg_advantages, reinforce_pp_advantages, remax_advantages
+from algorithms import advantages as adv
+from algorithms import mismatch
+from algorithms import policy_losses as pl
 from algorithms.aggregation import aggregate_loss
 from algorithms.kl import kl_estimate
-from algorithms.mismatch import rollout_correction
 from algorithms.objective import policy_objective
-from algorithms.policy_losses import advantage_weighted_ce, cispo, clip_cov, gspo, kl_cov
 
 GOLDEN = json.loads(Path(__file__).with_name("verl_golden.json").read_text())
 X = {k: torch.tensor(v, dtype=torch.float64) for k, v in GOLDEN["inputs"].items()}
@@ -31,10 +31,10 @@ def ours(policy_loss, mode="token-mean"):
 
 # verl's seq-mean-token-mean divides by (tokens + 1e-8), ours by max(tokens, 1): 1e-9 apart on these lengths
 @pytest.mark.parametrize("name, policy_loss, mode, atol", [
-    ("gspo", partial(gspo, eps_low=0.05, eps_high=0.08), "seq-mean-token-mean", 1e-8),
-    ("cispo", partial(cispo, eps_low=1.0, eps_high=0.28), "token-mean", 1e-12),
-    ("gpg_loss", advantage_weighted_ce, "token-mean", 1e-12),
-    ("kl_cov", partial(kl_cov, kl_ratio=0.2, kl_coef=1.0), "token-mean", 1e-12),
+    ("gspo", partial(pl.gspo, eps_low=0.05, eps_high=0.08), "seq-mean-token-mean", 1e-8),
+    ("cispo", partial(pl.cispo, eps_low=1.0, eps_high=0.28), "token-mean", 1e-12),
+    ("gpg_loss", pl.advantage_weighted_ce, "token-mean", 1e-12),
+    ("kl_cov", partial(pl.kl_cov, kl_ratio=0.2, kl_coef=1.0), "token-mean", 1e-12),
 ])
 def test_policy_loss_equals_verl(name, policy_loss, mode, atol):
     loss, grad = ours(policy_loss, mode)
@@ -44,21 +44,21 @@ def test_policy_loss_equals_verl(name, policy_loss, mode, atol):
 
 def test_clip_cov_equals_verl_with_the_same_random_draw():
     torch.manual_seed(GOLDEN["clip_cov_seed"])
-    loss, grad = ours(partial(clip_cov, eps_low=0.2, eps_high=0.2, clip_ratio=0.1, cov_lb=0.0, cov_ub=5.0))
+    loss, grad = ours(partial(pl.clip_cov, eps_low=0.2, eps_high=0.2, clip_ratio=0.1, cov_lb=0.0, cov_ub=5.0))
     assert loss == pytest.approx(GOLDEN["clip_cov"]["loss"], abs=1e-12)
     torch.testing.assert_close(grad, torch.tensor(GOLDEN["clip_cov"]["grad"], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_advantages_equal_verl():
     lengths = X["mask"].sum(1)
-    torch.testing.assert_close(reinforce_pp_advantages(X["rewards"], G, baseline="group", response_lengths=lengths),
+    torch.testing.assert_close(adv.reinforce_pp_advantages(X["rewards"], G, baseline="group", response_lengths=lengths),
                                torch.tensor(GOLDEN["reinforce_pp_baseline"], dtype=torch.float64), rtol=0, atol=1e-9)
-    torch.testing.assert_close(reinforce_pp_advantages(X["rewards"], G, baseline="none", response_lengths=lengths),
+    torch.testing.assert_close(adv.reinforce_pp_advantages(X["rewards"], G, baseline="none", response_lengths=lengths),
                                torch.tensor(GOLDEN["reinforce_pp"], dtype=torch.float64), rtol=0, atol=1e-8)
-    torch.testing.assert_close(remax_advantages(X["rewards"], G, X["greedy"]),
+    torch.testing.assert_close(adv.remax_advantages(X["rewards"], G, X["greedy"]),
                                torch.tensor(GOLDEN["remax"], dtype=torch.float64), rtol=0, atol=1e-12)
     # verl computes GPG's alpha = B / nonzero rewards in float32
-    torch.testing.assert_close(gpg_advantages(X["rewards"], G, alpha="nonzero"),
+    torch.testing.assert_close(adv.gpg_advantages(X["rewards"], G, alpha="nonzero"),
                                torch.tensor(GOLDEN["gpg_nonzero"], dtype=torch.float64), rtol=0, atol=1e-6)
 
 
@@ -72,5 +72,5 @@ def test_straight_through_kl_equals_verl(ours_name, verl_name):
 
 
 def test_truncated_importance_weights_equal_verl():
-    weights, _ = rollout_correction(X["old"], X["logp"], X["mask"], mode="tis", threshold=2.0)
+    weights, _ = mismatch.rollout_correction(X["old"], X["logp"], X["mask"], mode="tis", threshold=2.0)
     torch.testing.assert_close(weights, torch.tensor(GOLDEN["tis_weights"], dtype=torch.float64), rtol=0, atol=1e-12)

@@ -81,7 +81,7 @@ def main() -> None:
     out["kl_cov"] = loss_and_grad(ca.compute_policy_loss_kl_cov, x, loss_agg_mode="token-mean",
                                   config=actor(policy_loss={"kl_cov_ratio": 0.2, "ppo_kl_coef": 1.0}))
     # advantages (verl returns [B, T]; every token of a response has the same value)
-    first = lambda a: a[:, 0].tolist()  # noqa: E731
+    first = lambda a: a[:, 0].tolist()
     adv, _ = ca.compute_reinforce_plus_plus_baseline_outcome_advantage(outcome(x), x["mask"], index)
     out["reinforce_pp_baseline"] = first(adv)
     adv, _ = ca.compute_reinforce_plus_plus_outcome_advantage(outcome(x), x["mask"], config=OmegaConf.create({"gamma": 1.0}))

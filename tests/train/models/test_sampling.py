@@ -131,7 +131,8 @@ def test_recorded_logprobs_are_the_sampled_tokens_under_the_tempered_distributio
     mask = torch.ones_like(ids)
     free = sample(model, ids, mask, 12, -1, tok.pad_token_id, generator=torch.Generator().manual_seed(2))
     eos = int(free[:, 2].mode().values)
-    kwargs = dict(temperature=temperature, generator=torch.Generator().manual_seed(4), compact_fraction=compact, group_size=2)
+    kwargs = {"temperature": temperature, "generator": torch.Generator().manual_seed(4), "compact_fraction": compact,
+              "group_size": 2}
     out, logprobs = sample(model, ids, mask, 12, eos, tok.pad_token_id, return_logprobs=True, **kwargs)
     kwargs["generator"] = torch.Generator().manual_seed(4)
     assert torch.equal(out, sample(model, ids, mask, 12, eos, tok.pad_token_id, **kwargs))
