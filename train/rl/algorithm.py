@@ -17,10 +17,14 @@ class PackedLoss:
     """The objective on packed rows, run on each trainer rank: per-document tensors, then ``objective``.
     ``normalizer`` is the global count the aggregation divides by, so micro-batch losses add up exactly."""
 
-    def __init__(self, objective, normalizer: float):
-        self.objective, self.normalizer = objective, normalizer
+    def __init__(self, objective, normalizer: float, entropy_bonus: bool = False):
+        self.objective, self.normalizer, self.entropy_bonus = objective, normalizer, entropy_bonus
 
     def __call__(self, logprobs, entropy, batch, extra):
+        if not self.entropy_bonus and entropy.grad_fn is not None:
+            # the trainer holds this micro-batch's tensors until the next forward: without a bonus to train, drop the
+            # entropy's graph now (it keeps the vocab-sized log-probs alive for a backward that never comes)
+            entropy.detach_()
         lp, mask = per_document(logprobs, batch)  # [docs, resp_len]
         ent, _ = per_document(entropy, batch)
         width = lp.shape[1]
@@ -50,6 +54,7 @@ class Algorithm:
     momentum_update: object | None  # AAPO: EMA of the momentum model's weights
     greedy_rollout: bool = False  # ReMax: one greedy response per prompt, its reward the baseline
     mismatch_correction: bool = False  # the loss reweights tokens by pi_old / pi_rollout (needs Rollout.logprobs)
+    entropy_bonus: bool = False  # loss.entropy_coef > 0: the loss trains on the differentiable entropy
 
     @classmethod
     def from_config(cls, a_cfg) -> "Algorithm":
@@ -67,11 +72,13 @@ class Algorithm:
             momentum_update=instantiate(a_cfg.momentum) if a_cfg.get("momentum") else None,
             greedy_rollout=bool(a_cfg.get("greedy_rollout", False)),
             mismatch_correction=a_cfg.loss.get("mismatch") is not None,
+            entropy_bonus=float(a_cfg.loss.get("entropy_coef", 0.0) or 0.0) > 0,
         )
 
     def loss(self, update) -> PackedLoss:
         """The loss of one optimizer step's micro-batches (``update``: train/rl/update_batches.py UpdateBatch)."""
-        return PackedLoss(self.objective, float(update.response_tokens if self.token_mean else update.samples))
+        return PackedLoss(self.objective, float(update.response_tokens if self.token_mean else update.samples),
+                          self.entropy_bonus)
 
     def advantages(self, rewards: torch.Tensor, momentum_rewards: torch.Tensor | None = None,
                    greedy_rewards: torch.Tensor | None = None, response_lengths: torch.Tensor | None = None) -> torch.Tensor:

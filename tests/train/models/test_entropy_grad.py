@@ -26,3 +26,35 @@ def test_entropy_saves_only_the_log_probs():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         _Entropy.apply(log_probs)
     assert len(saved) == 1 and saved[0].data_ptr() == log_probs.data_ptr()
+
+
+def test_entropy_graph_is_released_when_no_bonus_trains_on_it():
+    """PackedLoss drops the entropy's graph without an entropy bonus: the trainer keeps a micro-batch's outputs until
+    the next forward, and the graph would keep the vocab-sized log-probs alive that long."""
+    from train.rl.algorithm import PackedLoss
+
+    log_probs = torch.log_softmax(torch.randn(1, 3, 7, requires_grad=True), -1)
+    entropy = _Entropy.apply(log_probs)
+    calls = []
+
+    def objective(*args, **kwargs):
+        calls.append(kwargs["entropy"])
+        raise StopIteration  # only the call matters
+
+    for bonus in (False, True):
+        ent = _Entropy.apply(log_probs) if bonus else entropy
+        try:
+            PackedLoss(objective, 1.0, entropy_bonus=bonus)(torch.zeros(1, 3), ent, _OneDoc(),
+                                                            {"old_logprobs": None, "advantages": torch.zeros(1)})
+        except StopIteration:
+            pass
+        assert (ent.grad_fn is None) == (not bonus)
+
+
+class _OneDoc:
+    """A packed row of one document whose 3 predicted positions are all loss tokens."""
+
+    def __init__(self):
+        self.labels = torch.tensor([[0, 1, 2, 3]])
+        self.doc_ids = torch.zeros(1, 4, dtype=torch.long)
+        self.sample_ids = ["0"]
