@@ -109,11 +109,12 @@ def aapo_advantages(
 
 def _whiten(values: torch.Tensor, weights: torch.Tensor | None, eps: float) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) with the unbiased variance; ``weights`` [batch] counts each value that many
-    times (its response's tokens), as a token-level masked whitening of a per-response constant does."""
+    times (its response's tokens), as a token-level masked whitening of a per-response constant does. Fewer than 2
+    counted values: zeros."""
     w = torch.ones_like(values) if weights is None else weights.to(values.dtype)
     n = w.sum()
-    if n < 2:
-        raise ValueError("batch whitening needs at least 2 counted values (responses or response tokens)")
+    if n < 2:  # e.g. every response truncated under mask_truncated: nothing in the loss to learn from
+        return torch.zeros_like(values)
     mean = (w * values).sum() / n
     var = (w * (values - mean).square()).sum() / (n - 1)
     return (values - mean) * torch.rsqrt(var + eps)
