@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-ALGORITHMS = ["grpo", "dapo", "dr_grpo", "rloo", "aapo"]
+ALGORITHMS = ["grpo", "dapo", "dr_grpo", "rloo", "aapo", "gspo", "cispo", "reinforce_pp", "remax", "gpg"]
 
 
 def _compose(overrides):
@@ -30,10 +30,15 @@ def _algorithm(name):
 def test_algorithm_config_instantiates_and_runs(name):
     alg = _algorithm(name)
     assert alg.name == name and alg.recipe == "rl"
-    group = alg.group_size
+    group = max(alg.group_size, 2)
     rewards = torch.tensor([1.0, 0.0] * (group // 2) + [1.0] * group)  # [2 * G]
     advantage_fn = instantiate(alg.advantage)
-    advantages = advantage_fn(rewards, group, torch.zeros_like(rewards)) if alg.momentum_rollout else advantage_fn(rewards, group)
+    if alg.momentum_rollout or alg.greedy_rollout:  # AAPO's momentum / ReMax's greedy rewards
+        advantages = advantage_fn(rewards, group, torch.zeros_like(rewards))
+    elif name == "reinforce_pp":  # token whitening reads the response lengths
+        advantages = advantage_fn(rewards, group, response_lengths=torch.full_like(rewards, 5))
+    else:
+        advantages = advantage_fn(rewards, group)
     assert advantages.shape == rewards.shape
     loss_fn = instantiate(alg.loss)
     logp = torch.randn(2 * group, 5, requires_grad=True)

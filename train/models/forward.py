@@ -120,10 +120,25 @@ def token_logprobs(
     log_probs = torch.log_softmax(logits, dim=-1)
     logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = None
-    if with_entropy:  # a diagnostic: no gradient
-        with torch.no_grad():
-            entropy = -(log_probs.exp() * log_probs).sum(-1)
+    if with_entropy:  # differentiable (the RL entropy bonus); a diagnostic otherwise
+        entropy = _Entropy.apply(log_probs) if log_probs.requires_grad else -(log_probs.exp() * log_probs).sum(-1)
     return logprobs, entropy
+
+
+class _Entropy(torch.autograd.Function):
+    """H = -sum_j p_j log p_j from log-probs [..., vocab]. Saves only its input, which log_softmax's backward keeps
+    anyway (so no second vocab-sized tensor is held, as ``-(lp.exp() * lp).sum(-1)`` under autograd would);
+    dH/dlog p_j = -p_j (log p_j + 1)."""
+
+    @staticmethod
+    def forward(ctx, log_probs):
+        ctx.save_for_backward(log_probs)
+        return -(log_probs.exp() * log_probs).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (log_probs,) = ctx.saved_tensors
+        return -grad.unsqueeze(-1) * log_probs.exp() * (log_probs + 1.0)
 
 
 def sft_loss_sum(model, batch: PackedBatch, backend: str) -> tuple[torch.Tensor, int]:

@@ -67,14 +67,17 @@ def cut_at_eos(tokens: list[int], eos_token_id: int, pad_token_id: int | None = 
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
            pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           compact_fraction: float = 0.25, group_size: int = 1) -> torch.Tensor:
+           compact_fraction: float = 0.25, group_size: int = 1, return_logprobs: bool = False):
     """Responses [B * group_size, max_new_tokens] to left-padded prompts ``input_ids`` [B, P] (``attention_mask``
     1 on tokens), ``group_size`` per prompt (prompt 0's first): sampled tokens up to and including eos,
-    ``pad_token_id`` after it."""
+    ``pad_token_id`` after it. ``return_logprobs``: also (as a pair) the log-prob [B * group_size, max_new_tokens]
+    of each sampled token under the distribution it was drawn from, log_softmax(logits / T) in fp32 (before
+    nucleus truncation; 0 for greedy decoding, a point mass, and after eos), for rollout/trainer mismatch checks."""
     batch = input_ids.shape[0] * group_size
     out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
+    out_logprobs = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=input_ids.device) if return_logprobs else None
     if max_new_tokens == 0 or batch == 0:
-        return out
+        return (out, out_logprobs) if return_logprobs else out
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: the first real token is position 0
     cache = DynamicCache()
@@ -90,6 +93,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         token = sample_tokens(logits, temperature, top_p, generator)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         out[rows, t] = token
+        if return_logprobs and temperature > 0:
+            picked = torch.log_softmax(logits.float() / temperature, dim=-1).gather(1, token[:, None]).squeeze(1)
+            out_logprobs[rows, t] = torch.where(done, torch.zeros_like(picked), picked)
         done = done | (token == eos_token_id)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
@@ -101,4 +107,4 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         position = position + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
                        use_cache=True).logits[:, -1]
-    return out
+    return (out, out_logprobs) if return_logprobs else out

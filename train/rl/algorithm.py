@@ -1,9 +1,10 @@
 """The RL algorithm's parts as the step uses them, instantiated from ``cfg.algorithm`` (the math is in algorithms/):
 advantages, the loss run on each trainer rank, DAPO's group filter and overlong shaping, KL folded into the reward,
-AAPO's momentum update."""
+AAPO's momentum update, ReMax's greedy baseline round and the rollout/trainer mismatch correction's inputs."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -16,17 +17,23 @@ class PackedLoss:
     """The objective on packed rows, run on each trainer rank: per-document tensors, then ``objective``.
     ``normalizer`` is the global count the aggregation divides by, so micro-batch losses add up exactly."""
 
-    def __init__(self, objective, normalizer: float):
-        self.objective, self.normalizer = objective, normalizer
+    def __init__(self, objective, normalizer: float, entropy_bonus: bool = False):
+        self.objective, self.normalizer, self.entropy_bonus = objective, normalizer, entropy_bonus
 
     def __call__(self, logprobs, entropy, batch, extra):
+        if not self.entropy_bonus and entropy.grad_fn is not None:
+            # the trainer holds this micro-batch's tensors until the next forward: without a bonus to train, drop the
+            # entropy's graph now (it keeps the vocab-sized log-probs alive for a backward that never comes)
+            entropy.detach_()
         lp, mask = per_document(logprobs, batch)  # [docs, resp_len]
         ent, _ = per_document(entropy, batch)
         width = lp.shape[1]
         # no recorded pi_old: one update from the weights that sampled, so pi_old is pi itself (ratio exactly 1)
         old = extra["old_logprobs"][:, :width] if extra["old_logprobs"] is not None else lp.detach()
         ref = extra["ref_logprobs"][:, :width] if extra.get("ref_logprobs") is not None else None
-        loss, metrics = self.objective(lp, old, extra["advantages"], mask, ref_logprobs=ref, normalizer=self.normalizer)
+        rollout = extra["rollout_logprobs"][:, :width] if extra.get("rollout_logprobs") is not None else None
+        loss, metrics = self.objective(lp, old, extra["advantages"], mask, ref_logprobs=ref, normalizer=self.normalizer,
+                                       entropy=ent, rollout_logprobs=rollout)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["entropy_sum"] = float((ent * mask).sum())
         metrics["tokens"] = float(mask.sum())
@@ -45,6 +52,9 @@ class Algorithm:
     kl_beta: float
     kl_reward: object | None  # kl.placement=reward: (rewards, old, ref, mask) -> rewards
     momentum_update: object | None  # AAPO: EMA of the momentum model's weights
+    greedy_rollout: bool = False  # ReMax: one greedy response per prompt, its reward the baseline
+    mismatch_correction: bool = False  # the loss reweights tokens by pi_old / pi_rollout (needs Rollout.logprobs)
+    entropy_bonus: bool = False  # loss.entropy_coef > 0: the loss trains on the differentiable entropy
 
     @classmethod
     def from_config(cls, a_cfg) -> "Algorithm":
@@ -60,17 +70,35 @@ class Algorithm:
             kl_beta=kl_beta,
             kl_reward=instantiate(a_cfg.kl_reward) if a_cfg.kl.placement == "reward" and kl_beta > 0 else None,
             momentum_update=instantiate(a_cfg.momentum) if a_cfg.get("momentum") else None,
+            greedy_rollout=bool(a_cfg.get("greedy_rollout", False)),
+            mismatch_correction=a_cfg.loss.get("mismatch") is not None,
+            entropy_bonus=float(a_cfg.loss.get("entropy_coef", 0.0) or 0.0) > 0,
         )
 
     def loss(self, update) -> PackedLoss:
         """The loss of one optimizer step's micro-batches (``update``: train/rl/update_batches.py UpdateBatch)."""
-        return PackedLoss(self.objective, float(update.response_tokens if self.token_mean else update.samples))
+        return PackedLoss(self.objective, float(update.response_tokens if self.token_mean else update.samples),
+                          self.entropy_bonus)
 
-    def advantages(self, rewards: torch.Tensor, momentum_rewards: torch.Tensor | None) -> torch.Tensor:
-        """[num_rollouts]; AAPO also reads the momentum model's rewards of the same prompts."""
+    def advantages(self, rewards: torch.Tensor, momentum_rewards: torch.Tensor | None = None,
+                   greedy_rewards: torch.Tensor | None = None, response_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """[num_rollouts]; AAPO also reads the momentum model's rewards of the same prompts, ReMax the greedy
+        responses' rewards ([num_rollouts], each prompt's repeated), REINFORCE++'s token whitening the lengths."""
+        extra = {}
+        if "response_lengths" in inspect.signature(self.advantage_fn).parameters:
+            extra["response_lengths"] = response_lengths
         if momentum_rewards is not None:
-            return self.advantage_fn(rewards, self.group_size, momentum_rewards)
-        return self.advantage_fn(rewards, self.group_size)
+            return self.advantage_fn(rewards, self.group_size, momentum_rewards, **extra)
+        if greedy_rewards is not None:
+            return self.advantage_fn(rewards, self.group_size, greedy_rewards, **extra)
+        return self.advantage_fn(rewards, self.group_size, **extra)
+
+    def step_advantages(self, rewards: torch.Tensor, batch) -> torch.Tensor:
+        """The advantages of a step's rollouts (``batch``: train/rl/rounds.py StepBatch), [num_rollouts]."""
+        lengths = torch.tensor([0 if self.mask_truncated and r.truncated else
+                                sum(map(len, r.meta["turn_responses"])) if "turn_responses" in r.meta else len(r.response_ids)
+                                for r in batch.rollouts])  # response tokens in the loss
+        return self.advantages(rewards, batch.momentum_rewards, batch.greedy_rewards, lengths)
 
     def kl_into_rewards(self, rewards: torch.Tensor, updates, logprobs) -> torch.Tensor:
         """kl.placement=reward: r_i - beta * sum_t kl_it on the sampling-time log-probs; else the rewards."""

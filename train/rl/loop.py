@@ -61,9 +61,9 @@ class RLLoop:
         logprobs = record_logprobs(trainer, self.actors.reference, updates,
                                    algorithm.needs_old_logprobs(optimizer_steps), self.timer)
         rewards = algorithm.kl_into_rewards(batch.rewards, updates, logprobs)
-        advantages = algorithm.advantages(rewards, batch.momentum_rewards)  # [num_rollouts]
+        advantages = algorithm.step_advantages(rewards, batch)  # [num_rollouts]
         with self.timer("update"):
-            stats = update_policy(trainer, algorithm, updates, advantages, logprobs, self.t_cfg.ppo_epochs)
+            stats = update_policy(trainer, algorithm, updates, advantages, logprobs, self.t_cfg.ppo_epochs, batch.rollouts)
             lr = trainer.advance_lr_schedule()
         self.rounds.finish_prefetch()
         with self.timer("weight_sync"):

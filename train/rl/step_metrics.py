@@ -26,6 +26,12 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
+# the loss's metrics (algorithms/) reported as train/<key>, means over micro-batches: PPO / GSPO clipping, CISPO's
+# clipped weights, Clip-Cov / KL-Cov's share of tokens, KL to the reference, rollout/trainer mismatch correction
+MEAN_STATS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "clip_frac", "ratio_mean", "kl", "cov_clip_frac",
+              "cov_kl_frac", "mismatch_kl", "mismatch_weight_clip_frac")
+
+
 def step_metrics(step: int, batch, rewards: torch.Tensor, advantages: torch.Tensor, stats: dict, *,
                  optimizer_steps: int, world_size: int, micro_batches_per_rank: int, lr: float, tokens: int,
                  seconds: dict, worker_restarts: int, kl_in_reward: bool) -> dict:
@@ -40,6 +46,7 @@ def step_metrics(step: int, batch, rewards: torch.Tensor, advantages: torch.Tens
         "reward/total": rewards.mean().item(),
         **({"reward/task": batch.rewards.mean().item()} if kl_in_reward else {}),
         **({"reward/momentum_total": batch.momentum_rewards.mean().item()} if batch.momentum_rewards is not None else {}),
+        **({"reward/greedy_baseline": batch.greedy_rewards.mean().item()} if getattr(batch, "greedy_rewards", None) is not None else {}),
         **{f"reward/{k}": v.float().mean().item() for k, v in batch.components.items()},
         "rollout/response_length_mean": lengths.mean().item(),
         "rollout/response_length_p90": lengths.quantile(0.9).item(),
@@ -61,7 +68,7 @@ def step_metrics(step: int, batch, rewards: torch.Tensor, advantages: torch.Tens
         **{f"perf/time_{k}": v for k, v in seconds.items()},
         "perf/tokens_per_s": float(tokens) / sum(seconds.values()),
     }
-    for key in ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl"):  # means over micro-batches
+    for key in MEAN_STATS:  # means over micro-batches
         if key in stats:
             metrics[f"train/{key}"] = stats[key] / (per_rank_step * micro_batches_per_rank)
     return metrics

@@ -80,6 +80,49 @@ def check_sft(cfg: DictConfig) -> None:
     _require(cfg.algorithm.name == "sft", f"algorithm={cfg.algorithm.name} is not an SFT algorithm")
 
 
+def check_rl_group_size(a) -> None:
+    """Group baselines need >= 2 responses per prompt; ReMax (greedy baseline) and REINFORCE++ without a group
+    baseline run with any group size."""
+    target = str(a.advantage.get("_target_", ""))
+    single_ok = a.get("greedy_rollout", False) or (target.endswith("reinforce_pp_advantages") and a.advantage.get("baseline") == "none")
+    minimum = 1 if single_ok else 2
+    _require(a.group_size >= minimum, f"algorithm.group_size={a.group_size} must be >= {minimum}"
+             + ("" if single_ok else " (group-relative advantages need a group)"))
+
+
+def check_rl_policy_options(cfg: DictConfig) -> None:
+    """The policy-optimisation options of algorithms/ (issue 22): KL estimator, entropy bonus, ReMax's greedy round,
+    pass@k's k, the rollout/trainer mismatch correction."""
+    from algorithms.kl import ESTIMATORS
+    from algorithms.mismatch import MODES
+
+    a, r = cfg.algorithm, cfg.rollout
+    _require(a.kl.estimator in ESTIMATORS, f"algorithm.kl.estimator={a.kl.estimator!r} must be one of {', '.join(ESTIMATORS)}")
+    coef = a.loss.get("entropy_coef", 0.0)
+    _require(coef is not None and coef >= 0, f"algorithm.loss.entropy_coef={coef} must be >= 0 (0 = no entropy bonus)")
+    target = str(a.advantage.get("_target_", ""))
+    greedy = bool(a.get("greedy_rollout", False))
+    _require(greedy == target.endswith("remax_advantages"),
+             "algorithm.greedy_rollout=true (one greedy response per prompt) goes with ReMax's advantage and ReMax's "
+             "advantage needs it: use algorithm=remax, or set both")
+    _require(not (greedy and r.get("multi_turn", False)),
+             "algorithm=remax samples one greedy response per prompt for single-turn prompts: set rollout.multi_turn=false")
+    if target.endswith("passk_advantages"):
+        k = a.advantage.get("k")
+        _require(isinstance(k, int) and 1 <= k <= a.group_size,
+                 f"algorithm.advantage.k={k} must be an integer in [1, algorithm.group_size={a.group_size}]")
+    mismatch = a.loss.get("mismatch")
+    if mismatch is not None:
+        _require(mismatch.get("mode", "tis") in MODES, f"algorithm.loss.mismatch.mode={mismatch.get('mode')!r} must be "
+                 f"one of {', '.join(MODES)}")
+        threshold = mismatch.get("threshold", 2.0)
+        _require(threshold is not None and threshold > 1, f"algorithm.loss.mismatch.threshold={threshold} must be > 1")
+        _require(float(r.temperature) == 1.0, f"algorithm.loss.mismatch compares the sampler's log-probs with the trainer's, "
+                 f"which are at temperature 1; rollout.temperature={r.temperature}: set rollout.temperature=1")
+        _require(not r.get("multi_turn", False), "algorithm.loss.mismatch reads single-turn rollouts' log-probs; "
+                 "multi-turn chats record none: set algorithm.loss.mismatch=null")
+
+
 def check_rl(cfg: DictConfig) -> None:
     """RL-specific checks (trainer world, ZeRO stage, rollout backend) on top of the common ones."""
     import importlib.util
@@ -110,7 +153,8 @@ def check_rl(cfg: DictConfig) -> None:
         _require(on_gpu, "rollout.backend=vllm needs a CUDA GPU; use rollout.backend=hf on this machine")
         _require(importlib.util.find_spec("vllm") is not None, "rollout.backend=vllm needs the vllm package installed")
     a = cfg.algorithm
-    _require(a.group_size >= 2, f"algorithm.group_size={a.group_size} must be >= 2 (group-relative advantages need a group)")
+    check_rl_group_size(a)
+    check_rl_policy_options(cfg)
     _require(a.kl.placement in ("loss", "reward"), f"algorithm.kl.placement={a.kl.placement!r} must be loss or reward")
     _require(a.kl.beta >= 0, f"algorithm.kl.beta={a.kl.beta} must be >= 0")
     if a.kl.placement == "reward" and a.kl.beta > 0:

@@ -27,6 +27,9 @@ class Rollout:
     truncated: bool  # hit max_new_tokens without eos
     policy_version: int
     meta: dict = field(default_factory=dict)
+    # log-prob of each response token under the distribution the sampler drew it from (log_softmax(logits / T),
+    # fp32); None where the backend records none (state-space models' `generate` path). Mismatch correction reads it.
+    logprobs: list[float] | None = None
 
 
 class RolloutWorker:
@@ -66,17 +69,21 @@ class RolloutWorker:
                 temperature=max(temperature, 1e-5), top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             )[:, input_ids.shape[1]:]
+            logprobs = None  # `generate` would have to keep every step's vocab-sized scores
         else:
             generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-            out = sample(self.model, enc["input_ids"], enc["attention_mask"], max_new_tokens, tok.eos_token_id,
-                         tok.pad_token_id, temperature, top_p, generator, group_size=group_size)
+            out, logprobs = sample(self.model, enc["input_ids"], enc["attention_mask"], max_new_tokens, tok.eos_token_id,
+                                   tok.pad_token_id, temperature, top_p, generator, group_size=group_size,
+                                   return_logprobs=True)
+            logprobs = logprobs.tolist()
         rollouts = []
         for i, row in enumerate(out.tolist()):
             p = i // group_size
             response, truncated = cut_at_eos(row, tok.eos_token_id)
             prompt_ids = [t for t, m in zip(enc["input_ids"][p].tolist(), enc["attention_mask"][p].tolist()) if m]
             rollouts.append(Rollout(prompt_offset + p, prompt_ids, response,
-                                    tok.decode(response, skip_special_tokens=True), truncated, self.version))
+                                    tok.decode(response, skip_special_tokens=True), truncated, self.version,
+                                    logprobs=None if logprobs is None else logprobs[i][: len(response)]))
         return rollouts
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -120,3 +120,36 @@ def test_left_padded_pads_texts_and_ids_on_the_left_and_restores_the_side(tiny_t
         assert enc["attention_mask"].tolist()[1] == [1] * len(ids[1])
         assert enc["attention_mask"][0, -1] == 1 and enc["attention_mask"][0, 0] == 0  # padding on the left
     assert torch.equal(texts["input_ids"], from_ids["input_ids"])
+
+
+@pytest.mark.parametrize("temperature, compact", [(0.7, 0.25), (1.0, 2.0)])
+def test_recorded_logprobs_are_the_sampled_tokens_under_the_tempered_distribution(tiny, one_thread, temperature, compact):
+    """The log-probs the loop records equal a teacher-forced forward of prompt + response: log_softmax(logits / T)
+    at each sampled token (0 after eos), with rows dropped from the batch or kept; the tokens do not change."""
+    model, tok = tiny
+    ids = torch.randint(5, 300, (3, 5))
+    mask = torch.ones_like(ids)
+    free = sample(model, ids, mask, 12, -1, tok.pad_token_id, generator=torch.Generator().manual_seed(2))
+    eos = int(free[:, 2].mode().values)
+    kwargs = {"temperature": temperature, "generator": torch.Generator().manual_seed(4), "compact_fraction": compact,
+              "group_size": 2}
+    out, logprobs = sample(model, ids, mask, 12, eos, tok.pad_token_id, return_logprobs=True, **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(4)
+    assert torch.equal(out, sample(model, ids, mask, 12, eos, tok.pad_token_id, **kwargs))
+    assert logprobs.dtype == torch.float32 and logprobs.shape == out.shape
+    for row in range(out.shape[0]):
+        response, _ = cut_at_eos(out[row].tolist(), eos)
+        full = torch.cat([ids[row // 2], torch.tensor(response)])[None]
+        with torch.no_grad():
+            logits = model(input_ids=full).logits[0, ids.shape[1] - 1:-1].double() / temperature
+        expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
+        torch.testing.assert_close(logprobs[row, : len(response)].double(), expected, rtol=0, atol=2e-4)
+        assert logprobs[row, len(response):].abs().sum() == 0
+
+
+def test_greedy_records_zero_logprobs(tiny, one_thread):
+    model, tok = tiny
+    ids = torch.randint(5, 300, (2, 4))
+    out, logprobs = sample(model, ids, torch.ones_like(ids), 6, -1, tok.pad_token_id, temperature=0.0, return_logprobs=True)
+    assert torch.equal(out, sample(model, ids, torch.ones_like(ids), 6, -1, tok.pad_token_id, temperature=0.0))
+    assert logprobs.abs().sum() == 0  # a point mass: log 1
