@@ -61,7 +61,7 @@ def check_common(cfg: DictConfig) -> None:
     _require(cfg.model.attn_backend in BACKENDS, f"model.attn_backend={cfg.model.attn_backend!r} must be one of {list(BACKENDS)}")
     device = resolve_device(cfg.cluster.device)
     resolve_precision(t.precision, device)
-    check_precision(t.precision, device.type == "cuda", device.type == "cuda" and _bf16_supported())
+    check_precision(t.precision, device.type == "cuda", device.type == "cuda" and _bf16_supported(), cfg.model.attn_backend)
     check_backend(cfg.model.attn_backend, device)
     d = cfg.data
     _require(d.source in ("synthetic", "files"), f"data.source={d.source!r} must be 'synthetic' or 'files'")
@@ -83,13 +83,17 @@ def check_common(cfg: DictConfig) -> None:
         check_files(d.eval_files, "data.eval_files")
 
 
-def check_precision(precision: str, on_gpu: bool, bf16_supported: bool) -> None:
+def check_precision(precision: str, on_gpu: bool, bf16_supported: bool, attn_backend: str = "sdpa") -> None:
     """``trainer.precision`` must be one the components can run (train/models/runtime.py ``component_dtype``):
-    auto | fp32 | bf16, and bf16 on a GPU only where the GPU computes in bf16 (NVIDIA Ampere or newer)."""
+    auto | fp32 | bf16; bf16 on a GPU only where the GPU computes in bf16 (NVIDIA Ampere or newer); and not fp32
+    with flash-attn on a GPU (its kernels take fp16/bf16 only, and an fp32 model's queries stay fp32)."""
     _require(precision in PRECISIONS, f"trainer.precision={precision!r} must be auto, fp32 or bf16 (fp16 is not supported)")
     _require(not (on_gpu and precision in ("auto", "bf16") and not bf16_supported),
              f"trainer.precision={precision}: this GPU has no bf16 support (needs NVIDIA Ampere or newer); "
              "set trainer.precision=fp32")
+    _require(not (on_gpu and precision == "fp32" and attn_backend == "flash"),
+             "trainer.precision=fp32 with model.attn_backend=flash: flash-attn kernels run fp16/bf16 only; "
+             "set trainer.precision=auto (bf16) or model.attn_backend=sdpa")
 
 
 def check_vllm(r: DictConfig, placement: str, world_size: int, on_gpu: bool, installed: bool,
@@ -156,7 +160,7 @@ def check_rl(cfg: DictConfig) -> None:
             "lower trainer.world_size or give cluster.ray_address of a larger Ray cluster",
         )
     _require(r.backend in ("hf", "vllm"), f"rollout.backend={r.backend!r} must be hf or vllm")
-    check_precision(t.get("precision", "auto"), on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+    check_precision(t.get("precision", "auto"), on_gpu, on_gpu and torch.cuda.is_bf16_supported(), cfg.model.attn_backend)
     if r.backend == "vllm":
         check_vllm(r, cfg.cluster.placement, t.world_size, on_gpu, importlib.util.find_spec("vllm") is not None)
     a = cfg.algorithm

@@ -68,6 +68,13 @@ def test_config_check_refuses_bf16_on_a_gpu_without_bf16():
     check_precision("bf16", on_gpu=False, bf16_supported=False)  # CPU: every component runs fp32 anyway
 
 
+def test_config_check_refuses_fp32_flash_on_a_gpu():
+    with pytest.raises(ConfigError, match="trainer.precision=fp32 with model.attn_backend=flash"):
+        check_precision("fp32", on_gpu=True, bf16_supported=True, attn_backend="flash")
+    check_precision("auto", on_gpu=True, bf16_supported=True, attn_backend="flash")
+    check_precision("fp32", on_gpu=True, bf16_supported=True, attn_backend="sdpa")
+
+
 def test_hf_rollout_worker_loads_in_the_rollout_dtype(model_cache):
     from train.workers.rollout_worker import RolloutWorker
 
