@@ -1,6 +1,8 @@
 """bench/gpu_check.py's CPU-runnable parts: the clean skip without CUDA, arguments and check selection, the
-subprocess protocol, the verdicts, the report, and the log-prob / loss helpers the GPU checks are built on.
-The checks themselves need a GPU (none here)."""
+subprocess protocol, the verdicts, the report, and the log-prob / loss helpers the GPU checks are built on; and dry
+runs on CPU of the flash, weight-sync and vLLM-vs-HF checks through stand-ins (flash_attn: SDPA per segment; vllm: an
+engine computing with the checkpoint's HF model), which exercise each check's code and verdict, not GPU numerics.
+The rl_step and mamba2 checks need a GPU (none here)."""
 
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ FLASH_OK = {f"{v}_{k}": x for v in ("bf16", "fp32_autocast")
 
 def test_flash_verdict(gc):
     assert gc.verdict_flash(FLASH_OK) == (True, "")
-    ok, why = gc.verdict_flash({**FLASH_OK, "bf16_grad_rel": 0.07})  # above the bf16 bound
+    ok, why = gc.verdict_flash({**FLASH_OK, "bf16_grad_rel": 0.15})  # above the bf16 bound
     assert not ok and "bf16: flash vs sdpa" in why
     # within the bound, but no better than attention that mixes documents: the batches cannot tell them apart
     ok, why = gc.verdict_flash({**FLASH_OK, "fp32_autocast_mixed_grad_rel": 0.02})
@@ -198,3 +200,127 @@ def test_perturbed_weights_keep_their_names_and_change_every_tensor(gc, tiny_tok
     assert all(not torch.equal(after[n], before[n]) for n in before)
     again = dict(gc.perturbed(build_tiny_model(tiny_tokenizer, dict(TEST_ARCH)), seed=0).named_parameters())
     assert all(torch.equal(again[n], after[n]) for n in after)
+
+
+# -- dry runs of the vLLM checks on CPU: a stand-in vllm.LLM that computes with the checkpoint's HF model ------------
+class HFBackedLLM:
+    """``vllm.LLM`` stand-in: samples with train/models/sampling.py on the HF model of the same checkpoint (fp32, CPU)
+    and reports its log-probs in vLLM V1's output structure; ``load_weights`` writes HF-named tensors into it."""
+
+    def __init__(self, model, seed=0, **kwargs):
+        from train.models.model_zoo import load_model, load_tokenizer
+
+        self.hf, self.tokenizer, self.kwargs = load_model(model).eval(), load_tokenizer(model), kwargs
+        self.calls: list[str] = []
+        runner = SimpleNamespace(model=self)
+        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)))
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def sleep(self, level=1):
+        self.calls.append(f"sleep{level}")
+
+    def wake_up(self, tags=None):
+        self.calls.append("wake:" + ",".join(tags))
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset")
+
+    def load_weights(self, weights):
+        params = dict(self.hf.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights:
+                params[name].copy_(tensor)
+        self.calls.append("load")
+
+    def generate(self, prompts, params, use_tqdm=True):
+        from train.models.sampling import cut_at_eos, sample
+
+        gc = sys.modules["bench_gpu_check"]
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        outputs = []
+        for prompt, sp in zip(prompts, params):
+            ids, k = list(prompt["prompt_token_ids"]), sp.kwargs
+            if k.get("prompt_logprobs") is not None:
+                lps = gc.sequence_logprobs(self.hf, [ids], pad)[0]
+                scored = [None] + [{t: SimpleNamespace(logprob=lp, rank=1)} for t, lp in zip(ids[1:], lps)]
+                outputs.append(SimpleNamespace(prompt_token_ids=ids, prompt_logprobs=scored, outputs=[
+                    SimpleNamespace(index=0, token_ids=[eos], logprobs=None, finish_reason="stop")]))
+                continue
+            generator = torch.Generator().manual_seed(k["seed"] or 0)
+            rows = sample(self.hf, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), k["max_tokens"], eos,
+                          pad, k["temperature"], k["top_p"], generator, group_size=k["n"])
+            samples = []
+            for i, row in enumerate(rows.tolist()):
+                response, truncated = cut_at_eos(row, eos, pad)
+                lps = gc.sequence_logprobs(self.hf, [ids + response], pad)[0][len(ids) - 1:]
+                samples.append(SimpleNamespace(index=i, token_ids=response, finish_reason="length" if truncated else "stop",
+                                               logprobs=[{t: SimpleNamespace(logprob=lp, rank=1)} for t, lp in zip(response, lps)]))
+            outputs.append(SimpleNamespace(prompt_token_ids=ids, prompt_logprobs=None, outputs=samples))
+        return outputs
+
+
+@pytest.fixture
+def cpu_dry_run(gc, monkeypatch):
+    """The checks on CPU in fp32 against the stand-in engine; the process environment restored afterwards."""
+    import types
+
+    module = types.ModuleType("vllm")
+    module.LLM = HFBackedLLM
+    module.SamplingParams = lambda **kwargs: SimpleNamespace(kwargs=kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the worker's guard; nothing touches a GPU
+    monkeypatch.setattr(gc, "DEVICE", torch.device("cpu"))
+    monkeypatch.setattr(gc, "require", lambda *packages: None)
+    for key in ("DS_ACCELERATOR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        monkeypatch.setenv(key, "cpu" if key == "DS_ACCELERATOR" else "0")
+    return gc.parse_args(["--prompts", "2", "--group", "2", "--max-new-tokens", "6"])
+
+
+def test_weight_sync_check_dry_run_on_cpu(gc, cpu_dry_run, one_thread):
+    figures = gc.check_weight_sync(cpu_dry_run)
+    # the stand-in computes in fp32 like the CPU trainer, but the sync casts to the engine's dtype (bf16 under
+    # trainer.precision=auto): after it, only bf16 weight rounding separates them; before it, the update does
+    assert figures["after_sync_mae"] < gc.VLLM_LOGPROB_MAE < 0.1 < figures["before_sync_mae"]
+    assert figures["before_sync_vs_old_trainer_mae"] < 1e-5  # before the sync it is the old trainer
+    assert figures["synced_version"] == figures["rollout_version"] == 1
+    assert gc.verdict_weight_sync(figures) == (True, "")
+
+
+def test_vllm_vs_hf_check_dry_run_on_cpu(gc, cpu_dry_run, one_thread):
+    figures = gc.check_vllm_vs_hf(cpu_dry_run)
+    assert figures["vllm_reported_vs_trainer_mae"] < 1e-5  # the stand-in's log-probs are the trainer's
+    assert figures["hf_tokens_per_s"] > 0 and figures["vllm_tokens_per_s"] > 0
+    assert 1 <= figures["vllm_response_length_mean"] <= 6 and 1 <= figures["hf_response_length_mean"] <= 6
+    assert figures["hf_trainer_logprob_mean"] < 0 and figures["vllm_trainer_logprob_mean"] < 0
+
+
+@pytest.mark.slow  # ~20-45 s each on the 2-core machine under load: bf16 forwards and backwards on CPU
+@pytest.mark.parametrize("ignore_boundaries", [False, True])
+def test_flash_check_dry_run_on_cpu_passes_with_boundaries_and_fails_without(gc, monkeypatch, one_thread,
+                                                                             ignore_boundaries):
+    """check_flash on CPU through tests/train/models/test_flash_varlen.py's stand-in kernel (SDPA per segment):
+    its verdict passes; with a kernel that ignores the segments (documents of a row mixed) it fails."""
+    from transformers import modeling_flash_attention_utils as fa_utils
+
+    from tests.train.models.test_flash_varlen import _KERNEL_CACHE, _make_stand_in
+
+    entry = {**fa_utils.FLASH_ATTENTION_COMPATIBILITY_MATRIX[2], "general_availability_check": lambda *a, **k: True,
+             "supported_devices": ((lambda: True, "cpu"),)}
+    monkeypatch.setitem(fa_utils.FLASH_ATTENTION_COMPATIBILITY_MATRIX, 2, entry)
+    monkeypatch.setattr(fa_utils, "is_flash_attn_2_available", lambda *a, **k: True)
+    calls: list = []
+    module = _make_stand_in(calls, ignore_boundaries)
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    monkeypatch.setitem(sys.modules, "flash_attn.bert_padding", module.bert_padding)
+    for name in _KERNEL_CACHE:
+        monkeypatch.setattr(fa_utils, name, None)
+    monkeypatch.setattr(gc, "DEVICE", torch.device("cpu"))
+    figures = gc.check_flash(gc.parse_args([]))
+    assert calls and all(kind == "varlen" for kind, *_ in calls)
+    assert figures["rows"] == 2 and figures["documents"] > 2 * figures["batches"]  # several documents per row
+    passed, why = gc.verdict_flash(figures)
+    assert passed is not ignore_boundaries, why
