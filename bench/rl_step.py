@@ -161,14 +161,15 @@ def threads_of(cfg) -> tuple:
 
 
 # -- TRL -------------------------------------------------------------------------------------------------------
-def trl_config(cfg, args, output_dir: str):
+def trl_config(cfg, args, output_dir: str, **overrides):
     """GRPOConfig matching our run: one optimizer step per generation batch of P*G completions (trl 1.16:
     per_device_train_batch_size counts completions; generation_batch_size defaults to it times
-    steps_per_generation = gradient_accumulation_steps = 1), the same sampling, loss and optimizer."""
+    steps_per_generation = gradient_accumulation_steps = 1), the same sampling, loss and optimizer. ``overrides``:
+    GRPOConfig arguments that replace these (bench/gpu_check.py: GPU, bf16, vLLM colocate)."""
     from trl import GRPOConfig
 
     t_cfg = cfg.trainer
-    return GRPOConfig(
+    return GRPOConfig(**{**dict(
         output_dir=output_dir,
         use_cpu=True,
         bf16=False,
@@ -201,11 +202,12 @@ def trl_config(cfg, args, output_dir: str):
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=args.seed,
-    )
+    ), **overrides})
 
 
-def run_trl(cfg, batches: list[list], args, output_dir: str) -> dict:
-    """TRL's GRPOTrainer on the same prompts; per-step wall from on_step_end, phases by timing its methods."""
+def run_trl(cfg, batches: list[list], args, output_dir: str, **config_overrides) -> dict:
+    """TRL's GRPOTrainer on the same prompts; per-step wall from on_step_end, phases by timing its methods.
+    ``config_overrides``: see ``trl_config``."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOTrainer
@@ -234,7 +236,7 @@ def run_trl(cfg, batches: list[list], args, output_dir: str) -> dict:
         rewards.append(total.mean().item())
         return total.tolist()
 
-    config = trl_config(cfg, args, output_dir)
+    config = trl_config(cfg, args, output_dir, **config_overrides)
     ends: list[float] = []
     spans: list[float] = []
     phases: list[dict] = []

@@ -11,6 +11,7 @@ import torch
 from data_pipelines.chat_format import generation_prompt
 from data_pipelines.loading import final_boxed
 from data_pipelines.prompts import prompt_messages
+from train.models.runtime import autocast, component_dtype
 from train.models.sampling import cut_at_eos, left_padded, sample
 
 
@@ -78,15 +79,19 @@ def _scores(tokenizer, completions: list[list[int]], answers: list[str], prefix:
 
 
 def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 64, samples: int = 0,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> dict:
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, precision: str = "auto") -> dict:
     """Greedy: eval/accuracy (exact match of the last boxed answer), eval/response_length (mean, p90),
     eval/truncated_fraction, eval/tokens_per_correct. With ``samples`` = k > 0 the same over k completions
-    per problem sampled at ``temperature`` / ``top_p``, under eval/sampled_* (accuracy = pass@1 averaged over k)."""
+    per problem sampled at ``temperature`` / ``top_p``, under eval/sampled_* (accuracy = pass@1 averaged over k).
+    Generation runs in ``trainer.precision``'s evaluation dtype (``precision``): bf16 autocast on a GPU, fp32 on CPU."""
     prompts = [generation_prompt(prompt_messages(row)) for row in rows]
-    completions = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+    device = next(model.parameters()).device
+    with autocast(device, component_dtype("evaluation", precision, device)):  # bf16 on a GPU, fp32 on CPU
+        completions = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+        sampled = generate_sampled(model, tokenizer, prompts, samples, max_new_tokens, temperature, top_p, batch_size,
+                                   seed) if samples > 0 else None
     metrics, texts, correct = _scores(tokenizer, completions, [row["answer"] for row in rows], "eval/")
-    if samples > 0:
-        sampled = generate_sampled(model, tokenizer, prompts, samples, max_new_tokens, temperature, top_p, batch_size, seed)
+    if sampled is not None:
         metrics.update(_scores(tokenizer, sampled, [row["answer"] for row in rows for _ in range(samples)], "eval/sampled_")[0])
     return {
         **metrics,

@@ -120,7 +120,7 @@ class RLLoop:
         r_cfg = self.r_cfg
         result = evaluate(self.hf_model, self.setup.tokenizer, self.setup.eval_rows, r_cfg.max_new_tokens, r_cfg.batch_size,
                           samples=int(r_cfg.get("eval_samples", 0)), temperature=r_cfg.temperature, top_p=r_cfg.top_p,
-                          seed=self.cfg.seed)
+                          seed=self.cfg.seed, precision=self.cfg.trainer.get("precision", "auto"))
         self.logger.log_samples("eval/samples", result.pop("samples"), self.step_count)
         self.logger.log(result, self.step_count)
         return result

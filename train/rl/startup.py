@@ -63,6 +63,7 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
     in the driver when ``rollout.reward_workers=0`` (else None: reward workers start here)."""
     import ray
 
+    from train.run.vllm_settings import vllm_settings
     from train.workers.actors import RolloutPool, TrainerGroup
     from train.workers.placement import plan
     from train.workers.reference_worker import ReferenceWorker, reference_settings
@@ -92,8 +93,10 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
         trainer = TrainerGroup(t_cfg.world_size, start_path, cfg.model.attn_backend, OmegaConf.to_container(t_cfg),
                                t_cfg.micro_batches_per_rank, cfg.seed, places.trainer, num_threads=trainer_threads)
         stack.callback(_stop, "the trainer group", trainer.shutdown)
+        precision = t_cfg.get("precision", "auto")
+        vllm = vllm_settings(r_cfg.get("vllm"), cfg.cluster.placement) if r_cfg.backend == "vllm" else None
         rollout_pool = RolloutPool(r_cfg.num_workers, start_path, cfg.seed, places.rollout, backend=r_cfg.backend,
-                                   num_threads=rollout_threads)
+                                   num_threads=rollout_threads, precision=precision, vllm_settings=vllm)
         stack.callback(_stop, "the rollout workers", rollout_pool.shutdown)
         reference = None
         if kl_beta > 0:
@@ -104,6 +107,7 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
         momentum_pool = None
         if momentum_workers:  # AAPO: the momentum model starts as the initial policy
             momentum_pool = RolloutPool(r_cfg.num_workers, model_path, cfg.seed + 7_919, places.momentum,
-                                        backend=r_cfg.backend, num_threads=rollout_threads)
+                                        backend=r_cfg.backend, num_threads=rollout_threads, precision=precision,
+                                        vllm_settings=vllm)
             stack.callback(_stop, "the momentum rollout workers", momentum_pool.shutdown)
         yield RLActors(trainer, rollout_pool, momentum_pool, reference, rewards, rewards_in_workers=driver_rewards is None)

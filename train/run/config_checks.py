@@ -10,7 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 from data_pipelines.loading import check_files
 from data_pipelines.multiturn import check_mode
 from train.models.attention import BACKENDS, check_backend
-from train.models.runtime import resolve_device, resolve_precision
+from train.models.runtime import PRECISIONS, resolve_device, resolve_precision
+from train.run.vllm_settings import DTYPES, vllm_settings
 
 
 class ConfigError(ValueError):
@@ -20,6 +21,12 @@ class ConfigError(ValueError):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
 
 
 def check_missing(cfg: DictConfig) -> None:
@@ -54,6 +61,7 @@ def check_common(cfg: DictConfig) -> None:
     _require(cfg.model.attn_backend in BACKENDS, f"model.attn_backend={cfg.model.attn_backend!r} must be one of {list(BACKENDS)}")
     device = resolve_device(cfg.cluster.device)
     resolve_precision(t.precision, device)
+    check_precision(t.precision, device.type == "cuda", device.type == "cuda" and _bf16_supported(), cfg.model.attn_backend)
     check_backend(cfg.model.attn_backend, device)
     d = cfg.data
     _require(d.source in ("synthetic", "files"), f"data.source={d.source!r} must be 'synthetic' or 'files'")
@@ -73,6 +81,52 @@ def check_common(cfg: DictConfig) -> None:
         _require(len(d.train_files) > 0, "data.train_files is empty: give at least one jsonl/parquet file")
         check_files(d.train_files, "data.train_files")
         check_files(d.eval_files, "data.eval_files")
+
+
+def check_precision(precision: str, on_gpu: bool, bf16_supported: bool, attn_backend: str = "sdpa") -> None:
+    """``trainer.precision`` must be one the components can run (train/models/runtime.py ``component_dtype``):
+    auto | fp32 | bf16; bf16 on a GPU only where the GPU computes in bf16 (NVIDIA Ampere or newer); and not fp32
+    with flash-attn on a GPU (its kernels take fp16/bf16 only, and an fp32 model's queries stay fp32)."""
+    _require(precision in PRECISIONS, f"trainer.precision={precision!r} must be auto, fp32 or bf16 (fp16 is not supported)")
+    _require(not (on_gpu and precision in ("auto", "bf16") and not bf16_supported),
+             f"trainer.precision={precision}: this GPU has no bf16 support (needs NVIDIA Ampere or newer); "
+             "set trainer.precision=fp32")
+    _require(not (on_gpu and precision == "fp32" and attn_backend == "flash"),
+             "trainer.precision=fp32 with model.attn_backend=flash: flash-attn kernels run fp16/bf16 only; "
+             "set trainer.precision=auto (bf16) or model.attn_backend=sdpa")
+
+
+def check_vllm(r: DictConfig, placement: str, world_size: int, on_gpu: bool, installed: bool,
+               worker_gpus: int = 1) -> None:
+    """``rollout.backend=vllm``: a CUDA GPU, the vllm package, and ``rollout.vllm.*`` values an engine can take.
+    ``worker_gpus``: the GPUs of a rollout worker's bundle (train/workers/placement.py gives each one GPU, or a
+    share of one)."""
+    _require(on_gpu, "rollout.backend=vllm needs a CUDA GPU; use rollout.backend=hf on this machine")
+    _require(installed, "rollout.backend=vllm needs the vllm package: pip install -e '.[vllm]' (or rollout.backend=hf)")
+    try:
+        v = vllm_settings(r.get("vllm"), placement)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    tp = v["tensor_parallel_size"]
+    _require(isinstance(tp, int) and 1 <= tp <= worker_gpus,
+             f"rollout.vllm.tensor_parallel_size={tp} exceeds the {worker_gpus} GPU(s) of a rollout worker's bundle; "
+             "set it to 1 and add GPUs through rollout.num_workers")
+    util = v["gpu_memory_utilization"]
+    _require(isinstance(util, (int, float)) and 0 < util <= 1,
+             f"rollout.vllm.gpu_memory_utilization={util} must be in (0, 1] (a fraction of the GPU's memory)")
+    if placement == "colocated":  # the workers of a bundle and its trainer rank share one GPU
+        per_gpu = -(-r.num_workers // world_size)
+        _require(per_gpu * util < 1, f"rollout.vllm.gpu_memory_utilization={util}: {per_gpu} rollout worker(s) share "
+                 f"each GPU with a trainer rank (cluster.placement=colocated), so {per_gpu} x {util} leaves the trainer "
+                 "nothing; lower it (e.g. 0.3) or use cluster.placement=disaggregated")
+    _require(v["dtype"] == "auto" or v["dtype"] in DTYPES,
+             f"rollout.vllm.dtype={v['dtype']!r} must be auto, bfloat16 or float32")
+    length = v["max_model_len"]
+    _require(length is None or (isinstance(length, int) and length > r.max_new_tokens),
+             f"rollout.vllm.max_model_len={length} must be null or > rollout.max_new_tokens={r.max_new_tokens} "
+             "(it holds the prompt and the response)")
+    _require(v["enable_sleep_mode"] in (True, False),
+             f"rollout.vllm.enable_sleep_mode={v['enable_sleep_mode']!r} must be auto, true or false")
 
 
 def check_sft(cfg: DictConfig) -> None:
@@ -149,9 +203,9 @@ def check_rl(cfg: DictConfig) -> None:
             "lower trainer.world_size or give cluster.ray_address of a larger Ray cluster",
         )
     _require(r.backend in ("hf", "vllm"), f"rollout.backend={r.backend!r} must be hf or vllm")
+    check_precision(t.get("precision", "auto"), on_gpu, on_gpu and torch.cuda.is_bf16_supported(), cfg.model.attn_backend)
     if r.backend == "vllm":
-        _require(on_gpu, "rollout.backend=vllm needs a CUDA GPU; use rollout.backend=hf on this machine")
-        _require(importlib.util.find_spec("vllm") is not None, "rollout.backend=vllm needs the vllm package installed")
+        check_vllm(r, cfg.cluster.placement, t.world_size, on_gpu, importlib.util.find_spec("vllm") is not None)
     a = cfg.algorithm
     check_rl_group_size(a)
     check_rl_policy_options(cfg)

@@ -115,7 +115,8 @@ class RolloutPool:
     """
 
     def __init__(self, num_workers: int, model_path: str, seed: int = 0, worker_options: list[dict] | None = None,
-                 max_restarts_per_step: int = 3, backend: str = "hf", num_threads: int | None = None):
+                 max_restarts_per_step: int = 3, backend: str = "hf", num_threads: int | None = None,
+                 precision: str = "auto", vllm_settings: dict | None = None):
         # Ray options per worker (train/workers/placement.py); a replacement worker gets the options of the one it replaces
         self.worker_options = worker_options or [{"num_cpus": 1}] * num_workers
         if len(self.worker_options) != num_workers:
@@ -123,11 +124,13 @@ class RolloutPool:
         if backend == "vllm":
             from train.workers.vllm_worker import VLLMRolloutWorker as worker_class
 
-            self._worker_kwargs = {}
+            # rollout.vllm.* keys and trainer.precision (train/workers/vllm_worker.py ``vllm_settings``)
+            self._worker_kwargs = {"settings": dict(vllm_settings or {}), "precision": precision}
         elif backend == "hf":
             from train.workers.rollout_worker import RolloutWorker as worker_class
 
-            self._worker_kwargs = {"device": device_of(self.worker_options[0]), "num_threads": num_threads}
+            self._worker_kwargs = {"device": device_of(self.worker_options[0]), "num_threads": num_threads,
+                                   "precision": precision}
         else:
             raise ValueError(f"rollout.backend={backend!r} must be hf or vllm")
         self._actor = ray.remote(worker_class)

@@ -25,7 +25,7 @@ import torch
 from data_pipelines.packing import PackedBatch
 from train.models.forward import token_logprobs
 from train.models.model_zoo import load_model
-from train.models.runtime import resolve_precision
+from train.models.runtime import component_dtype
 from train.run.lr_schedule import restore as restore_lr_schedule
 from train.run.lr_schedule import warmup_then_decay
 
@@ -33,8 +33,7 @@ from train.run.lr_schedule import warmup_then_decay
 def compute_dtype(precision: str, on_gpu: bool) -> torch.dtype:
     """The trainer's compute dtype for ``trainer.precision``: bf16 on GPU for auto and bf16 (DeepSpeed's bf16 mode),
     fp32 for fp32 and always on CPU (the CPU ranks train in fp32). The reference model runs in the same one."""
-    dtype = resolve_precision(precision, torch.device("cuda" if on_gpu else "cpu"))
-    return dtype if on_gpu else torch.float32
+    return component_dtype("trainer", precision, "cuda" if on_gpu else "cpu")
 
 
 def network_interface(address: str) -> str | None:

@@ -7,8 +7,8 @@ import torch
 from data_pipelines.packing import PackedBatch
 from train.models.forward import token_logprobs
 from train.models.model_zoo import load_model
+from train.models.runtime import component_dtype
 from train.workers.placement import device_of
-from train.workers.policy_trainer import compute_dtype
 
 
 def reference_settings(options: dict, precision: str) -> dict:
@@ -16,7 +16,7 @@ def reference_settings(options: dict, precision: str) -> dict:
     grants (cuda with a GPU or a share of one, else cpu) and the trainer's compute dtype for ``trainer.precision``
     (bf16 on GPU for auto/bf16, else fp32), so its log-probs are computed as the policy's are."""
     device = device_of(options)
-    return {"device": device, "dtype": compute_dtype(precision, device == "cuda")}
+    return {"device": device, "dtype": component_dtype("reference", precision, device)}
 
 
 class ReferenceWorker:

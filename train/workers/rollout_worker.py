@@ -13,6 +13,7 @@ import torch
 
 from train.models.forward import is_ssm
 from train.models.model_zoo import load_model, load_tokenizer
+from train.models.runtime import component_dtype
 from train.models.sampling import cut_at_eos, left_padded, sample
 
 
@@ -33,12 +34,14 @@ class Rollout:
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, seed: int = 0, device: str = "cpu", num_threads: int | None = None):
+    def __init__(self, model_path: str, seed: int = 0, device: str = "cpu", num_threads: int | None = None,
+                 precision: str = "auto"):
         self.device = torch.device(device)
         if num_threads and self.device.type == "cpu":  # else Ray's default for the actor (1 for num_cpus=0)
             torch.set_num_threads(num_threads)
         self.tokenizer = load_tokenizer(model_path)
-        self.model = load_model(model_path, "sdpa", torch.float32, self.device).eval()
+        # trainer.precision's rollout dtype (bf16 on a GPU for auto/bf16, fp32 on CPU): train/models/runtime.py
+        self.model = load_model(model_path, "sdpa", component_dtype("rollout", precision, self.device), self.device).eval()
         self.version = 0
         self.seed = seed
 
