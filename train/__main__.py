@@ -53,6 +53,7 @@ def is_user_error(err: BaseException) -> bool:
     value refused by a config node's ``_target_`` while Hydra instantiated it."""
     from omegaconf.errors import OmegaConfBaseException
 
+    from data_pipelines.chat_format import ChatTemplateError
     from data_pipelines.validation import DataValidationError
     from rewards.registry import RewardConfigError
     from train.sft.curriculum import CurriculumError
@@ -60,8 +61,8 @@ def is_user_error(err: BaseException) -> bool:
 
     if isinstance(err, InstantiationException):
         return isinstance(err.__cause__, (ValueError, KeyError, TypeError))
-    return isinstance(err, (ConfigError, DataValidationError, RewardConfigError, CurriculumError, TrainerFailure,
-                            FileNotFoundError, OmegaConfBaseException))
+    return isinstance(err, (ConfigError, DataValidationError, ChatTemplateError, RewardConfigError, CurriculumError,
+                            TrainerFailure, FileNotFoundError, OmegaConfBaseException))
 
 
 def user_message(err: BaseException) -> str:

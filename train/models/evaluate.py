@@ -82,7 +82,7 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size
     """Greedy: eval/accuracy (exact match of the last boxed answer), eval/response_length (mean, p90),
     eval/truncated_fraction, eval/tokens_per_correct. With ``samples`` = k > 0 the same over k completions
     per problem sampled at ``temperature`` / ``top_p``, under eval/sampled_* (accuracy = pass@1 averaged over k)."""
-    prompts = [generation_prompt(prompt_messages(row)) for row in rows]
+    prompts = [generation_prompt(tokenizer, prompt_messages(row)) for row in rows]
     completions = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
     metrics, texts, correct = _scores(tokenizer, completions, [row["answer"] for row in rows], "eval/")
     if samples > 0:
