@@ -12,7 +12,10 @@ that turn k adds and ``R_k`` turn k's response (reasoning + answer + ``<|im_end|
     R_1 = ...
     X_{K-1} R_{K-1} \\n                                                          (last turn, one segment)
 
-so the inference prompt of turn k is X_0 + ... + X_k, exactly ``generation_prompt`` of that turn.
+so the inference prompt of turn k is X_0 + ... + X_k, exactly ``generation_prompt`` of that turn. (Shown in
+ChatML; with any chat template, X_k is turn k's generation prompt minus turn k-1's, token for token. That needs
+a template that drops earlier reasoning from the history and renders it the same way in every later prompt, as
+Qwen3's and the embedded ChatML do; other templates are refused naming the model, ``check_drops_reasoning``.)
 
 Span description (read by every attention backend, train/models/attention.py):
 - segments: X_k is local segment 2k and R_k is 2k+1 for k < K-1; the last turn's X and R share segment
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from data_pipelines.chat_format import render_segments
+from data_pipelines.chat_format import assistant_turns, check_drops_reasoning, encode
 from data_pipelines.packing import Document
 from data_pipelines.validation import DataValidationError, row_problems
 
@@ -115,9 +118,11 @@ def document_from_prompts(
     responses: Sequence[Sequence[int]],
     response_loss: Sequence[Sequence[bool]] | None = None,
     sample_id: str = "",
+    tail: Sequence[int] = (),
 ) -> Document:
-    """Single-pass Document of a multi-turn rollout (RL): ``prompts[k]`` is the full prompt the model was given
-    at turn k (earlier reasoning dropped, earlier answers kept), ``responses[k]`` the ids it generated.
+    """Single-pass Document of a multi-turn rollout (RL) or chat (SFT): ``prompts[k]`` is the full prompt the model
+    was given at turn k (earlier reasoning dropped, earlier answers kept), ``responses[k]`` the ids it generated,
+    ``tail`` what follows the last response (no loss).
 
     Each prompt must extend the previous one: that is what makes one pass equal the per-turn passes."""
     if len(prompts) != len(responses):
@@ -134,7 +139,7 @@ def document_from_prompts(
             )
         contexts.append(prompt[len(previous) :])
         previous = prompt
-    return build_document(contexts, responses, response_loss, sample_id=sample_id)
+    return build_document(contexts, responses, response_loss, tail=tail, sample_id=sample_id)
 
 
 # ------------------------------------------------------------------------------------------ from chats
@@ -170,43 +175,31 @@ def check_chat(messages, chat_index: int, sample_id: str = "") -> None:
 
 
 def chat_pieces(tokenizer, messages: list[dict], chat_index: int = 0, sample_id: str = ""):
-    """(contexts, responses, tail) token pieces of a validated chat, tokenized segment by segment as
-    ``tokenize_segments`` does, so the layout matches ordinary SFT and ``generation_prompt`` token for token."""
+    """(prompts, responses, tail) token ids of a validated chat, rendered by the tokenizer's chat template:
+    per assistant turn its generation prompt and the response the model generates (data_pipelines/chat_format.py),
+    and what the template renders after the last response."""
     check_chat(messages, chat_index, sample_id)
-
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
-
-    contexts, responses = [], []
-    pending: list[int] = []  # context not yet claimed by a turn
-    copy_length = 0  # tokens of the last answer copy at the start of ``pending``
-    for message in messages:
-        segments = render_segments([message])
-        if message["role"] != "assistant":
-            pending += [t for s in segments for t in encode(s.text)]
-            continue
-        header, *body, separator = segments  # "<|im_start|>assistant\n", [think block], "answer<|im_end|>", "\n"
-        contexts.append(pending + encode(header.text))
-        responses.append([t for s in body for t in encode(s.text)])
-        # what later turns see: the answer without its reasoning, as generation_prompt renders it
-        answer_copy = encode(body[-1].text)
-        pending, copy_length = answer_copy + encode(separator.text), len(answer_copy)
-    tail = pending[copy_length:]  # the last separator and any trailing non-assistant messages
-    return contexts, responses, tail
+    turns = assistant_turns(tokenizer, messages)
+    prompts = [encode(tokenizer, turn.prompt) for turn in turns]
+    responses = [encode(tokenizer, turn.response) for turn in turns]
+    return prompts, responses, encode(tokenizer, turns[-1].after)
 
 
 def document_from_messages(tokenizer, messages: list[dict], sample_id: str = "", chat_index: int = 0) -> Document:
-    """Single-pass Document of a reasoning chat (SFT). A one-turn chat gives the ordinary SFT Document."""
-    contexts, responses, tail = chat_pieces(tokenizer, messages, chat_index, sample_id)
-    return build_document(contexts, responses, tail=tail, sample_id=sample_id)
+    """Single-pass Document of a reasoning chat (SFT). A one-turn chat gives the ordinary SFT Document.
+
+    More than one turn needs a template that drops earlier reasoning (refused otherwise, naming the model)."""
+    prompts, responses, tail = chat_pieces(tokenizer, messages, chat_index, sample_id)
+    if len(responses) > 1:
+        check_drops_reasoning(tokenizer, "data.multi_turn=single_pass", "data.multi_turn=per_turn")
+    return document_from_prompts(prompts, responses, sample_id=sample_id, tail=tail)
 
 
 def per_turn_documents(tokenizer, messages: list[dict], sample_id: str = "", chat_index: int = 0) -> list[Document]:
     """The expansion baseline: one plain Document per turn (its generation prompt + its response with loss)."""
-    contexts, responses, tail = chat_pieces(tokenizer, messages, chat_index, sample_id)
-    documents, prompt = [], []
-    for k, (context, response) in enumerate(zip(contexts, responses)):
-        prompt = prompt + context
+    prompts, responses, tail = chat_pieces(tokenizer, messages, chat_index, sample_id)
+    documents = []
+    for k, (prompt, response) in enumerate(zip(prompts, responses)):
         after = tail if k == len(responses) - 1 else []
         ids = prompt + response + after
         loss = [False] * len(prompt) + [True] * len(response) + [False] * len(after)

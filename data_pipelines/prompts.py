@@ -11,7 +11,7 @@ from data_pipelines.chat_format import generation_prompt
 @dataclass
 class Prompt:
     prompt_id: str
-    text: str  # rendered generation prompt (ends with the assistant header)
+    text: str  # generation prompt rendered by the chat template (ends where the response starts)
     answer: str | None  # reference answer for verifiable rewards
     meta: dict = field(default_factory=dict)  # difficulty, filler sentences, ... (passed to reward functions)
 
@@ -23,14 +23,15 @@ def prompt_messages(row: dict) -> list[dict]:
     return messages[: assistant_turns[-1]] if assistant_turns else messages
 
 
-def to_prompts(rows: list[dict], system_prompt: str | None = None) -> list[Prompt]:
+def to_prompts(tokenizer, rows: list[dict], system_prompt: str | None = None) -> list[Prompt]:
+    """One Prompt per row: its chat up to the last assistant turn, rendered by the tokenizer's chat template."""
     prompts = []
     for row in rows:
         messages = prompt_messages(row)
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
         meta = {k: v for k, v in row.items() if k not in ("messages",)}
-        prompts.append(Prompt(row["id"], generation_prompt(messages), row.get("answer"), meta))
+        prompts.append(Prompt(row["id"], generation_prompt(tokenizer, messages), row.get("answer"), meta))
     return prompts
 
 

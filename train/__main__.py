@@ -53,6 +53,7 @@ def is_user_error(err: BaseException) -> bool:
     value refused by a config node's ``_target_`` while Hydra instantiated it."""
     from omegaconf.errors import OmegaConfBaseException
 
+    from data_pipelines.chat_format import ChatTemplateError
     from data_pipelines.validation import DataValidationError
     from rewards.registry import RewardConfigError, RewardFunctionError
     from train.run.checkpoint import CheckpointWriteError
@@ -61,8 +62,9 @@ def is_user_error(err: BaseException) -> bool:
 
     if isinstance(err, InstantiationException):
         return isinstance(err.__cause__, (ValueError, KeyError, TypeError))
-    return isinstance(err, (ConfigError, DataValidationError, RewardConfigError, RewardFunctionError, CurriculumError,
-                            TrainerFailure, CheckpointWriteError, FileNotFoundError, OmegaConfBaseException))
+    return isinstance(err, (ConfigError, DataValidationError, ChatTemplateError, RewardConfigError, RewardFunctionError,
+                            CurriculumError, TrainerFailure, CheckpointWriteError, FileNotFoundError,
+                            OmegaConfBaseException))
 
 
 def user_message(err: BaseException) -> str:

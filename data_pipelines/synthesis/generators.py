@@ -121,11 +121,12 @@ def parse_problem(text: str) -> tuple[str, str]:
 class PromptGenerator:
     """Rationales and problems from a language model and the config's prompt templates."""
 
-    def __init__(self, backend, prompts: dict, system_prompt: str | None = None):
+    def __init__(self, backend, tokenizer, prompts: dict, system_prompt: str | None = None):
         for key in ("rationale", "problem"):
             if not prompts.get(key):
                 raise ValueError(f"prompts.{key} is empty: a model generator needs both prompt templates")
         self.backend, self.templates, self.system_prompt = backend, prompts, system_prompt
+        self.tokenizer = tokenizer  # its chat template renders the prompts
         self.name = backend.name
 
     def close(self) -> None:
@@ -141,7 +142,7 @@ class PromptGenerator:
         messages = [{"role": "user", "content": content}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return generation_prompt(messages)
+        return generation_prompt(self.tokenizer, messages)
 
     def _generate(self, rows, seed, key):
         prompts = [self._prompt(self.templates[key], row, key) for row in rows]

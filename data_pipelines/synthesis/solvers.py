@@ -100,8 +100,8 @@ class ReferenceSolver:
 class ModelSolver:
     """k samples per problem from a model, prompted as a chat (optional system prompt)."""
 
-    def __init__(self, backend, system_prompt: str | None = None):
-        self.backend, self.system_prompt = backend, system_prompt
+    def __init__(self, backend, tokenizer, system_prompt: str | None = None):
+        self.backend, self.tokenizer, self.system_prompt = backend, tokenizer, system_prompt  # the model's chat template
         self.name = backend.name
 
     def solve(self, questions: list[str], n: int, seeds: list[int]) -> list:
@@ -110,7 +110,7 @@ class ModelSolver:
             messages = [{"role": "user", "content": question}]
             if self.system_prompt:
                 messages.insert(0, {"role": "system", "content": self.system_prompt})
-            prompts.append(generation_prompt(messages))
+            prompts.append(generation_prompt(self.tokenizer, messages))
         return self.backend.generate(prompts, n, seeds)
 
     def close(self) -> None:

@@ -8,15 +8,17 @@ import pytest
 import torch
 
 from data_pipelines.arithmetic import ArithmeticSpec, generate
+import jinja2
+
 from data_pipelines.chat_format import (
+    CHAT_TEMPLATE,
     IM_END,
     IM_START,
     THINK_CLOSE,
     THINK_OPEN,
+    chat_ids,
     generation_prompt,
-    render_segments,
     split_reasoning,
-    tokenize_segments,
 )
 from data_pipelines.multiturn import (
     MultiTurnChatError,
@@ -35,15 +37,27 @@ SPECIALS = (IM_START, IM_END, THINK_OPEN, THINK_CLOSE)
 
 
 class PieceTokenizer:
-    """Splits at special tokens and think tags (as the real tokenizer does) and makes each text run between
-    them ONE token, so a hand-written chat has few, nameable tokens."""
+    """Splits at special tokens and think tags (as the real tokenizer does), and after the assistant header and
+    between the think block's closing "\n\n" and the answer (where byte-level pre-tokenizers split at the
+    newline), and makes each text run between them ONE token, so a hand-written chat has few, nameable tokens.
+    Renders chats with the embedded ChatML template, as a tokenizer's ``apply_chat_template`` does."""
+
+    chat_template, eos_token, name_or_path = CHAT_TEMPLATE, IM_END, "piece-tokenizer"
 
     def __init__(self):
         self.vocab = {}
 
     def encode(self, text, add_special_tokens=False):
-        pieces = [p for p in re.split("(" + "|".join(map(re.escape, SPECIALS)) + ")", text) if p]
-        return [self.vocab.setdefault(p, len(self.vocab)) for p in pieces]
+        split = "(" + "|".join(map(re.escape, SPECIALS)) + "|\n\n)|(?<=assistant\n)"
+        return [self.vocab.setdefault(p, len(self.vocab)) for p in re.split(split, text) if p]
+
+    def get_added_vocab(self):
+        return {token: self.vocab.setdefault(token, len(self.vocab)) for token in SPECIALS}
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        assert not tokenize
+        return jinja2.Environment().from_string(CHAT_TEMPLATE).render(messages=messages,
+                                                                    add_generation_prompt=add_generation_prompt)
 
 
 HAND_CHAT = [
@@ -157,7 +171,7 @@ def test_one_turn_chat_is_ordinary_packed_sft(tiny_tokenizer, system):
     no_reasoning = {"id": "plain", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
     trailing_user = {"id": "trail", "messages": [*rows[0]["messages"], {"role": "user", "content": "thanks"}]}
     for row in [*rows, no_reasoning, trailing_user]:
-        ids, loss, _ = tokenize_segments(tiny_tokenizer, render_segments(row["messages"]))
+        ids, loss = chat_ids(tiny_tokenizer, row["messages"])
         ordinary = Document(ids, loss, sample_id=row["id"])
         assert document_from_messages(tiny_tokenizer, row["messages"], row["id"]) == ordinary
         for mode in ("single_pass", "per_turn"):
@@ -186,7 +200,7 @@ def test_multi_turn_tokens_agree_with_generation_prompt(tiny_tokenizer):
         assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         assert len(pieces) == len(assistant_at) == 4
         for (prompt, response), i in zip(pieces, assistant_at):
-            assert prompt == encode(generation_prompt(messages[:i]))
+            assert prompt == encode(generation_prompt(tiny_tokenizer, messages[:i]))
             reasoning, answer = split_reasoning(messages[i])
             think = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n"
             assert response == encode(think) + encode(f"{answer}{IM_END}")
@@ -196,7 +210,7 @@ def test_rl_entry_point_from_token_ids_matches_the_chat_builder(tiny_tokenizer):
     messages = _arith_chats(3, 1, seed=5)[0]["messages"]
     encode = lambda text: tiny_tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    prompts = [encode(generation_prompt(messages[:i])) for i in assistant_at]
+    prompts = [encode(generation_prompt(tiny_tokenizer, messages[:i])) for i in assistant_at]
     responses = []
     for i in assistant_at:
         reasoning, answer = split_reasoning(messages[i])

@@ -72,7 +72,7 @@ def _reference_loss(model, tokenizer, chats):
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = encode(generation_prompt(messages[:i]))
+            prompt = encode(generation_prompt(tokenizer, messages[:i]))
             reasoning, answer = split_reasoning(message)
             response = encode(f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n") + encode(f"{answer}{IM_END}")
             ids = torch.tensor([prompt + response], device=DEVICE)

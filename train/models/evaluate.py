@@ -84,7 +84,7 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size
     eval/truncated_fraction, eval/tokens_per_correct. With ``samples`` = k > 0 the same over k completions
     per problem sampled at ``temperature`` / ``top_p``, under eval/sampled_* (accuracy = pass@1 averaged over k).
     Generation runs in ``trainer.precision``'s evaluation dtype (``precision``): bf16 autocast on a GPU, fp32 on CPU."""
-    prompts = [generation_prompt(prompt_messages(row)) for row in rows]
+    prompts = [generation_prompt(tokenizer, prompt_messages(row)) for row in rows]
     device = next(model.parameters()).device
     with autocast(device, component_dtype("evaluation", precision, device)):  # bf16 on a GPU, fp32 on CPU
         completions = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)

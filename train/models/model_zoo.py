@@ -15,12 +15,13 @@ import logging
 import os
 from pathlib import Path
 
+import jinja2
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from data_pipelines.arithmetic import ArithmeticSpec, generate
-from data_pipelines.chat_format import CHAT_TEMPLATE, IM_END, IM_START, THINK_CLOSE, THINK_OPEN, render_segments
+from data_pipelines.chat_format import CHAT_TEMPLATE, IM_END, IM_START, THINK_CLOSE, THINK_OPEN, end_of_turn_token
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,12 @@ SPECIAL_TOKENS = [PAD, IM_START, IM_END]
 REASONING_TOKENS = [THINK_OPEN, THINK_CLOSE]  # added tokens that stay visible in decoded text
 ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention_2"}
 ATTENTION_FREE = ("mamba2",)  # model types without attention (no attn_implementation to pick)
+
+
+def _chatml_text(messages: list[dict]) -> str:
+    """A chat in the embedded template, each message rendered as the last one (so every turn keeps its reasoning)."""
+    template = jinja2.Environment().from_string(CHAT_TEMPLATE)
+    return "".join(template.render(messages=[m], add_generation_prompt=False) for m in messages)
 
 
 def _training_corpus(num_chats: int = 3000) -> list[str]:
@@ -41,7 +48,7 @@ def _training_corpus(num_chats: int = 3000) -> list[str]:
         ]
     ):
         for chat in generate(spec, num_chats // 3, seed=10_000 + seed, prefix="tok"):
-            corpus.append("".join(s.text for s in render_segments(chat["messages"])))
+            corpus.append(_chatml_text(chat["messages"]))
     corpus.append("You are a helpful assistant. Think step by step, then give the final answer in \\boxed{}.")
     return corpus
 
@@ -85,7 +92,8 @@ def build_tiny_model(tokenizer, arch: dict, seed: int = 0):
 
 def embedded_model_path(cache_dir: str | os.PathLike, arch: dict, vocab_size: int, seed: int) -> Path:
     """Build (once) and save the embedded tiny model; the directory name is a hash of what defines it."""
-    key = json.dumps({"arch": arch, "vocab_size": vocab_size, "seed": seed, "version": 2}, sort_keys=True)
+    # version 3: the chat template drops earlier turns' reasoning itself (same tokenizer and weights as version 2)
+    key = json.dumps({"arch": arch, "vocab_size": vocab_size, "seed": seed, "version": 3}, sort_keys=True)
     path = Path(cache_dir) / f"tiny-{arch['model_type']}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if (path / "config.json").exists():
         return path
@@ -119,7 +127,13 @@ def resolve_model_path(model_cfg) -> Path:
 
 
 def load_tokenizer(path):
+    """The checkpoint's tokenizer with its eos set to its chat template's end-of-turn token (where generation
+    stops: Gemma ends turns with ``<end_of_turn>``, not its ``<eos>``), and a pad token."""
     tokenizer = AutoTokenizer.from_pretrained(path)
+    end_of_turn = end_of_turn_token(tokenizer)
+    if tokenizer.eos_token != end_of_turn:
+        log.info("%s: eos token %r -> %r, the chat template's end of turn", path, tokenizer.eos_token, end_of_turn)
+        tokenizer.eos_token = end_of_turn
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

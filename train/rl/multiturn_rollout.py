@@ -1,8 +1,9 @@
 """Multi-turn rollouts: the policy answers every user turn of a chat itself, as at inference.
 
 Turn k's prompt is turn k-1's prompt + the reasoning-free copy of the model's own answer k-1 + user turn k +
-the assistant header (earlier reasoning dropped), built by appending token ids so that each prompt extends the
-previous one token for token. The result feeds the single-pass multi-turn Document
+the assistant header (earlier reasoning dropped), as the model's chat template renders them, appended as token ids
+so that each prompt extends the previous one token for token. That needs a template that drops earlier reasoning
+(``check_drops_reasoning``; others are refused with the model's name). The result feeds the single-pass multi-turn Document
 (``data_pipelines.multiturn.document_from_prompts``): one training sequence per chat, all turns' responses with
 the loss, the exact per-turn visibility.
 
@@ -15,13 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from data_pipelines.chat_format import IM_END, IM_START, generation_prompt, split_reasoning
+from data_pipelines.chat_format import ChatTemplateError, check_drops_reasoning, encode, generation_prompt, split_reasoning
 from data_pipelines.prompts import Prompt
 from train.workers.rollout_worker import Rollout
 
 
-def chat_prompts(rows: list[dict], system_prompt: str | None = None) -> list[Prompt]:
-    """One Prompt per chat: ``text`` asks the first question; ``meta`` keeps every user turn and its answer."""
+def chat_prompts(tokenizer, rows: list[dict], system_prompt: str | None = None) -> list[Prompt]:
+    """One Prompt per chat: ``text`` asks the first question; ``meta`` keeps the system message (``chat_head``),
+    every user turn and its answer."""
+    check_drops_reasoning(tokenizer, "rollout.multi_turn=true", "rollout.multi_turn=false")
     prompts = []
     for row in rows:
         messages = row["messages"]
@@ -33,17 +36,24 @@ def chat_prompts(rows: list[dict], system_prompt: str | None = None) -> list[Pro
         if len(answers) != len(users):
             raise ValueError(f"row {row['id']!r}: {len(answers)} turn_answers for {len(users)} user turns; give one per turn")
         meta = {k: v for k, v in row.items() if k != "messages"}
-        meta.update(user_turns=users, turn_answers=answers)
-        text = generation_prompt(head + [{"role": "user", "content": users[0]}])
+        meta.update(user_turns=users, turn_answers=answers, chat_head=head)
+        text = generation_prompt(tokenizer, head + [{"role": "user", "content": users[0]}])
         prompts.append(Prompt(row["id"], text, answers[0], meta))
     return prompts
 
 
-def next_turn_context(tokenizer, response_text: str, user: str) -> list[int]:
-    """Ids appended to the prompt after a turn: answer copy (no reasoning), end, next user turn, header."""
-    _, answer = split_reasoning({"role": "assistant", "content": response_text})
-    pieces = [f"{answer}{IM_END}", "\n", f"{IM_START}user\n{user}{IM_END}\n", f"{IM_START}assistant\n"]
-    return [t for piece in pieces for t in tokenizer.encode(piece, add_special_tokens=False)]
+def next_turn(tokenizer, history: list[dict], prompt_ids: list[int], response_text: str, user: str):
+    """(the chat's next history, the ids appended to ``prompt_ids``) after a turn: ``prompt_ids`` is the prompt of
+    ``history``; the ids are what the chat template renders for the answer without its reasoning, the next user
+    turn and the assistant header."""
+    answer = split_reasoning({"role": "assistant", "content": response_text.removesuffix(tokenizer.eos_token)})[1]
+    history = history + [{"role": "assistant", "content": answer}, {"role": "user", "content": user}]
+    next_ids = encode(tokenizer, generation_prompt(tokenizer, history))
+    if next_ids[: len(prompt_ids)] != list(prompt_ids):
+        raise ChatTemplateError("rollout.multi_turn=true: the chat template renders turn "
+                                f"{sum(m['role'] == 'user' for m in history) - 1}'s history differently from the prompt it "
+                                "gave the model; set rollout.multi_turn=false")
+    return history, next_ids[len(prompt_ids):]
 
 
 def generate_chats(pool, tokenizer, prompts: list[Prompt], group_size: int, seed: int, **sampling) -> list[list[Rollout]]:
@@ -52,14 +62,18 @@ def generate_chats(pool, tokenizer, prompts: list[Prompt], group_size: int, seed
     Turn 0 samples ``group_size`` responses per prompt; each later turn continues every chat with one sample."""
     turns = [pool.generate([p.text for p in prompts], group_size, seed=seed, **sampling)]
     chats = len(turns[0])
+    histories = [[*prompts[r.prompt_index].meta["chat_head"], {"role": "user", "content": prompts[r.prompt_index].meta["user_turns"][0]}]
+                 for r in turns[0]]  # per chat: the messages that its latest prompt renders
     max_turns = max(len(p.meta["user_turns"]) for p in prompts)
     for k in range(1, max_turns):
         previous = turns[-1]
         active = [c for c in range(chats)
                   if not previous[c].truncated and k < len(prompts[previous[c].prompt_index].meta["user_turns"])]
-        requests = [previous[c].prompt_ids + next_turn_context(tokenizer, previous[c].response_text,
-                                                                 prompts[previous[c].prompt_index].meta["user_turns"][k])
-                    for c in active]
+        requests = []
+        for c in active:
+            user = prompts[previous[c].prompt_index].meta["user_turns"][k]
+            histories[c], context = next_turn(tokenizer, histories[c], previous[c].prompt_ids, previous[c].response_text, user)
+            requests.append(previous[c].prompt_ids + context)
         generated = pool.generate(requests, 1, seed=seed + 7_777 * k, **sampling) if active else []
         current = [Rollout(previous[c].prompt_index, previous[c].prompt_ids, [], "", True, previous[c].policy_version,
                            {"ended": True}) for c in range(chats)]

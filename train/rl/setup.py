@@ -44,9 +44,7 @@ class RLSetup:
         r_cfg = cfg.rollout
         multi_turn = bool(r_cfg.get("multi_turn", False))  # the policy answers every user turn of each chat itself
         train_rows = load_split(cfg.data, "train", require_assistant=False)
-        prompts = (chat_prompts if multi_turn else to_prompts)(train_rows, cfg.data.system_prompt)
         eval_rows = load_split(cfg.data, "eval") if cfg.data.source == "synthetic" or cfg.data.eval_files else []
-        sampler = make_sampler(cfg.sampler, prompts, r_cfg.prompts_per_step, cfg.seed)
         if cfg.model.get("path"):
             with open_dict(cfg):  # a run directory means its latest checkpoint
                 cfg.model.path = str(checkpoint.resolve_model_dir(cfg.model.path))
@@ -58,6 +56,8 @@ class RLSetup:
         driver_rewards = build_reward(cfg.reward) if int(r_cfg.get("reward_workers", 1)) == 0 else None
         algorithm = Algorithm.from_config(cfg.algorithm)
         tokenizer = load_tokenizer(model_path)
+        prompts = (chat_prompts if multi_turn else to_prompts)(tokenizer, train_rows, cfg.data.system_prompt)
+        sampler = make_sampler(cfg.sampler, prompts, r_cfg.prompts_per_step, cfg.seed)
         resume_from = checkpoint.resolve_resume(cfg.trainer.resume, Path(cfg.run_dir))
         return cls(sampler, eval_rows, model_path, tokenizer, algorithm, driver_rewards,
                    share_prompt(cfg, model_path, multi_turn), resume_from, str(resume_from) if resume_from else model_path)

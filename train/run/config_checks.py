@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.loading import check_files
 from data_pipelines.multiturn import check_mode
+from train.models.architectures import packed_attention_problem
 from train.models.attention import BACKENDS, check_backend
 from train.models.runtime import PRECISIONS, resolve_device, resolve_precision
 from train.run.vllm_settings import DTYPES, vllm_settings
@@ -129,9 +130,37 @@ def check_vllm(r: DictConfig, placement: str, world_size: int, on_gpu: bool, ins
              f"rollout.vllm.enable_sleep_mode={v['enable_sleep_mode']!r} must be auto, true or false")
 
 
+def policy_config(model_cfg):
+    """The policy's transformers config: the embedded model's ``model.tiny.arch``, or ``model.path``'s config.json
+    (a run directory: its latest checkpoint); None while that does not exist yet (its loading reports it)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from train.run.checkpoint import resolve_model_dir
+
+    if not model_cfg.get("path"):
+        arch = dict((model_cfg.get("tiny") or {}).get("arch") or {})
+        return AutoConfig.for_model(arch.pop("model_type"), **arch) if arch.get("model_type") else None
+    try:
+        path = Path(resolve_model_dir(model_cfg.path))
+    except (FileNotFoundError, ValueError):
+        return None
+    return AutoConfig.from_pretrained(path) if (path / "config.json").exists() else None
+
+
+def check_architecture(cfg: DictConfig, max_tokens: int, length_key: str) -> None:
+    """Refuse an architecture whose attention our packed mask cannot drive exactly (train/models/architectures.py)."""
+    config = policy_config(cfg.model)
+    if config is not None:
+        problem = packed_attention_problem(config, cfg.model.attn_backend, max_tokens, length_key)
+        _require(problem is None, str(problem))
+
+
 def check_sft(cfg: DictConfig) -> None:
     check_common(cfg)
     _require(cfg.algorithm.name == "sft", f"algorithm={cfg.algorithm.name} is not an SFT algorithm")
+    check_architecture(cfg, cfg.data.max_seq_len, "data.max_seq_len")
 
 
 def check_rl_group_size(a) -> None:
@@ -230,6 +259,7 @@ def check_rl(cfg: DictConfig) -> None:
     _require(r.get("max_refill_rounds", 0) >= 0, f"rollout.max_refill_rounds={r.get('max_refill_rounds')} must be >= 0")
     if r.get("multi_turn", False):  # single-pass multi-turn documents need a backend that reads the span description
         check_mode("single_pass", cfg.model.attn_backend, max_turns=2)
+    check_architecture(cfg, cfg.data.max_seq_len + r.max_new_tokens, "data.max_seq_len + rollout.max_new_tokens")
     sampler = str(cfg.get("sampler", {}).get("_target_", ""))
     if sampler.endswith(("BandSampler", "ScheduleSampler")) and not (sampler.endswith("ScheduleSampler") and cfg.sampler.get("key")):
         _require("correctness" in cfg.reward, f"sampler={sampler.rsplit('.', 1)[-1]} tracks pass rates from the correctness "

@@ -103,6 +103,13 @@ class RayBackend:
         self.pool.shutdown()
 
 
+def backend_tokenizer(cfg, key: str):
+    """The tokenizer of the model ``cfg`` names: its chat template renders the prompts sent to the backend."""
+    from train.models.model_zoo import load_tokenizer
+
+    return load_tokenizer(resolve_model(cfg.get("model_path"), f"{key}.model_path"))
+
+
 def build_backend(cfg, key: str):
     """The text backend that ``cfg`` (a generator or solver section) names; ``key`` is its config path."""
     backend = cfg.backend

@@ -29,7 +29,7 @@ from data_pipelines.synthesis.filtering import check_band, keep, training_row
 from data_pipelines.synthesis.generators import ArithmeticGenerator, PromptGenerator, item_seed
 from data_pipelines.synthesis.solvers import ModelSolver, ReferenceSolver
 from data_pipelines.synthesis.store import StageWriter, read_rows, require_stage_file, write_parquet
-from train.synthesis.backends import MODEL_BACKENDS, REPO, build_backend, resolve_model
+from train.synthesis.backends import MODEL_BACKENDS, REPO, backend_tokenizer, build_backend, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +130,16 @@ def build_generator(cfg):
     g = cfg.generator
     if g.backend == "arithmetic":
         return ArithmeticGenerator(load_concepts(cfg.concepts), OmegaConf.to_container(g.defaults), int(g.max_attempts))
-    return PromptGenerator(build_backend(g, "generator"), OmegaConf.to_container(cfg.prompts), g.get("system_prompt"))
+    return PromptGenerator(build_backend(g, "generator"), backend_tokenizer(g, "generator"),
+                           OmegaConf.to_container(cfg.prompts), g.get("system_prompt"))
 
 
 def build_solver(cfg):
     s = cfg.difficulty.solver
     if s.backend == "reference_solver":
         return ReferenceSolver(float(s.step_error))
-    return ModelSolver(build_backend(s, "difficulty.solver"), cfg.difficulty.get("system_prompt"))
+    return ModelSolver(build_backend(s, "difficulty.solver"), backend_tokenizer(s, "difficulty.solver"),
+                       cfg.difficulty.get("system_prompt"))
 
 
 def run(cfg: DictConfig, generator=None, solver=None) -> dict:

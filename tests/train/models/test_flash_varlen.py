@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from transformers import modeling_flash_attention_utils as fa_utils
 
 from data_pipelines.arithmetic import ArithmeticSpec, generate
-from data_pipelines.chat_format import generation_prompt, render_segments, tokenize_segments
+from data_pipelines.chat_format import chat_ids, generation_prompt
 from data_pipelines.multiturn import check_mode
 from data_pipelines.packing import Document, collate, pack
 from data_pipelines.shared_prompt import shared_prompt_batches
@@ -168,7 +168,7 @@ def _assert_boundaries_follow_documents(calls, batches):
 def _sft_batches(tokenizer):
     docs = []
     for row in generate(ArithmeticSpec(verbosity=0.5), 8, seed=11):
-        ids, loss, _ = tokenize_segments(tokenizer, render_segments(row["messages"]))
+        ids, loss = chat_ids(tokenizer, row["messages"])
         docs.append(Document(ids, loss, sample_id=row["id"]))
     longest = max(len(d) for d in docs)
     batches = pack(docs, row_tokens=2 * longest, rows_per_batch=2, pad_token_id=tokenizer.pad_token_id)
@@ -223,7 +223,7 @@ def _rollouts(tokenizer, groups: int, group_size: int):
     rng = random.Random(5)
     rollouts = []
     for index, chat in enumerate(generate(ArithmeticSpec(digits=2), groups, seed=21)):
-        prompt = tokenizer.encode(generation_prompt(chat["messages"][:-1]), add_special_tokens=False)
+        prompt = tokenizer.encode(generation_prompt(tokenizer, chat["messages"][:-1]), add_special_tokens=False)
         for _ in range(group_size):
             response = [rng.randrange(3, len(tokenizer)) for _ in range(rng.randint(6, 40))]
             rollouts.append(SimpleNamespace(prompt_index=index, prompt_ids=prompt, response_ids=response,

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from data_pipelines.arithmetic import ArithmeticSpec, generate
-from data_pipelines.chat_format import render_segments, tokenize_segments
+from data_pipelines.chat_format import chat_ids
 from data_pipelines.packing import IGNORE_INDEX, Document, collate, one_document_per_row, pack_balanced
 from train.models import forward
 from train.models.forward import per_document, sft_loss_sum, token_logprobs
@@ -43,7 +43,7 @@ def mamba_path(tmp_path_factory):
 def _documents(tokenizer, n, seed):
     docs = []
     for row in generate(ArithmeticSpec(digits=2, num_ops=2, verbosity=0.5), n, seed=seed):
-        ids, loss, _ = tokenize_segments(tokenizer, render_segments(row["messages"]))
+        ids, loss = chat_ids(tokenizer, row["messages"])
         docs.append(Document(ids, loss, sample_id=row["id"]))
     return docs
 

@@ -46,7 +46,7 @@ class ScriptedPool:
 def test_turn_prompts_equal_the_inference_prompts_and_build_one_document(model_cache):
     tokenizer = load_tokenizer(_model_path(model_cache))
     rows = generate(ArithmeticSpec(turns=3), 2, seed=5)
-    prompts = chat_prompts(rows)
+    prompts = chat_prompts(tokenizer, rows)
     pool = ScriptedPool(tokenizer, truncate={(3, 1)})  # chat 3 stops at turn 1
     turns = generate_chats(pool, tokenizer, prompts, group_size=2, seed=0, max_new_tokens=8)
     assert [len(t) for t in turns] == [4, 4, 4]
@@ -61,7 +61,7 @@ def test_turn_prompts_equal_the_inference_prompts_and_build_one_document(model_c
                 assert turns[k][c].meta.get("ended")
                 break
             history += [{"role": "assistant", "content": previous.response_text}, users[k]]
-            expected = tokenizer.encode(generation_prompt(history), add_special_tokens=False)
+            expected = tokenizer.encode(generation_prompt(tokenizer, history), add_special_tokens=False)
             assert turns[k][c].prompt_ids == expected  # what the model sees at inference, earlier reasoning dropped
 
     merged = merge_turns(turns)
@@ -77,7 +77,7 @@ def test_chat_reward_is_the_mean_over_turns_against_each_turns_answer(model_cach
     tokenizer = load_tokenizer(_model_path(model_cache))
     rows = generate(ArithmeticSpec(turns=2), 1, seed=5)
     rows[0]["turn_answers"] = ["0", "10"]  # scripted answers: turn 0 -> 0 (chat 0), 1 (chat 1); turn 1 -> 10 (both)
-    prompts = chat_prompts(rows)
+    prompts = chat_prompts(tokenizer, rows)
     turns = generate_chats(ScriptedPool(tokenizer), tokenizer, prompts, group_size=2, seed=0)
 
     def exact(batch, rollouts):
@@ -93,7 +93,7 @@ def test_generation_from_token_ids_equals_generation_from_text(model_cache):
     path = _model_path(model_cache)
     worker = RolloutWorker(path)
     tokenizer = worker.tokenizer
-    texts = [generation_prompt([{"role": "user", "content": q}]) for q in ("What is 12 + 7?", "Ann has 3 pens. Ann gets 45 more?")]
+    texts = [generation_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("What is 12 + 7?", "Ann has 3 pens. Ann gets 45 more?")]
     by_text = worker.generate(texts, 2, max_new_tokens=6, seed=3)
     by_ids = worker.generate([tokenizer.encode(t, add_special_tokens=False) for t in texts], 2, max_new_tokens=6, seed=3)
     assert [(r.prompt_ids, r.response_ids) for r in by_text] == [(r.prompt_ids, r.response_ids) for r in by_ids]

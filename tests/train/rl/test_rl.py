@@ -255,7 +255,7 @@ def test_band_sampler_and_multi_turn_rollouts_run_through_the_driver(compose, tm
 
 
 @pytest.mark.parametrize("sampler", ["uniform", "band", "schedule"])
-def test_samplers_get_the_prompts_as_objects(compose, sampler):
+def test_samplers_get_the_prompts_as_objects(compose, tiny_tokenizer, sampler):
     """Prompts (and their metadata: lists, dicts) reach every sampler unchanged, not as OmegaConf containers
     (reward functions such as Bingo's exact-label scorer read list metadata)."""
     from data_pipelines.arithmetic import ArithmeticSpec, generate
@@ -263,7 +263,7 @@ def test_samplers_get_the_prompts_as_objects(compose, sampler):
     from train.rl.setup import make_sampler
 
     cfg = compose(["experiment=quickstart_rl", f"sampler={sampler}"])
-    prompts = to_prompts(generate(ArithmeticSpec(verbosity=1.0), 12, seed=3))
+    prompts = to_prompts(tiny_tokenizer, generate(ArithmeticSpec(verbosity=1.0), 12, seed=3))
     batch = make_sampler(cfg.sampler, prompts, 4, 0).next()
     assert len(batch) == 4 and all(type(p) is Prompt and type(p.meta["filler_sentences"]) is list for p in batch)
 

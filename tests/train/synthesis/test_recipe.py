@@ -32,7 +32,7 @@ def synthesized(tmp_path_factory):
     return out, summary
 
 
-def test_stages_write_provenance_and_training_rows(synthesized):
+def test_stages_write_provenance_and_training_rows(synthesized, tiny_tokenizer):
     out, summary = synthesized
     assert [summary[s]["rows"] for s in ("concepts", "rationales", "problems", "difficulty")] == [200] * 4
     assert all(summary[s]["errors"] == 0 for s in summary)
@@ -46,7 +46,7 @@ def test_stages_write_provenance_and_training_rows(synthesized):
     expected = [r["id"] for r in difficulty if 0.3 <= r["pass_rate"] <= 0.7]
     assert [r["id"] for r in kept] == expected and 0 < len(kept) < 200
     validate_rows(kept, "filtered.jsonl")  # SFT-ready: every kept arithmetic row has a worked solution
-    prompts = to_prompts(kept)
+    prompts = to_prompts(tiny_tokenizer, kept)
     assert prompts[0].answer == kept[0]["answer"] and prompts[0].meta["difficulty"]["label"] in ("easy", "medium", "hard")
     import pyarrow.parquet as pq
 

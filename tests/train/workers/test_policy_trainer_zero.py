@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data_pipelines.arithmetic import ArithmeticSpec, generate
-from data_pipelines.chat_format import render_segments, tokenize_segments
+from data_pipelines.chat_format import chat_ids
 from data_pipelines.packing import IGNORE_INDEX, Document, collate
 from tests.conftest import TEST_ARCH
 from train.models.model_zoo import resolve_model_path
@@ -36,7 +36,7 @@ def _batches(tokenizer):
     rows = generate(ArithmeticSpec(verbosity=0.5), 8, seed=11)
     docs = []
     for row in rows:
-        ids, loss, _ = tokenize_segments(tokenizer, render_segments(row["messages"]))
+        ids, loss = chat_ids(tokenizer, row["messages"])
         docs.append(Document(ids, loss, sample_id=row["id"]))
     batches = [collate([[docs[2 * i], docs[2 * i + 1]]], tokenizer.pad_token_id) for i in range(4)]  # 4 micro-batches
     extras = [{"advantage": torch.tensor([1.0 - 0.5 * i, -0.3 + 0.2 * i])} for i in range(4)]
