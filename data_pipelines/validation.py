@@ -65,6 +65,11 @@ def validate_rows(rows: list, source: str, require_assistant: bool = True, max_r
     for index, row in enumerate(rows):
         for field, reason in row_problems(row, require_assistant):
             bad.append(f"{source}: row {index}: field '{field}': {reason}")
+    report(bad, max_report)
+
+
+def report(bad: list[str], max_report: int = 10) -> None:
+    """Raise DataValidationError listing the first ``max_report`` of the problems ``bad`` (and how many more)."""
     if bad:
         shown = "\n  ".join(bad[:max_report])
         more = f"\n  ... and {len(bad) - max_report} more" if len(bad) > max_report else ""
