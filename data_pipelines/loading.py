@@ -141,8 +141,10 @@ def decontaminate(rows: list[dict], data_cfg, eval_rows: list[dict]) -> tuple[li
     """(rows kept, number dropped): training rows whose prompt overlaps an evaluation prompt by word n-grams
     (``data.decontaminate``: ngram, threshold, files; data_pipelines/decontamination.py)."""
     dc = data_cfg.get("decontaminate") or {}
-    n = int(dc.get("ngram") or 0)
-    if n <= 0:
+    n, threshold = int(dc.get("ngram") or 0), float(dc.get("threshold") or 0.0)
+    if n < 0 or not 0.0 <= threshold <= 1.0:
+        raise DataValidationError(f"data.decontaminate: ngram={n} must be >= 0 (0 = off) and threshold={threshold} in [0, 1]")
+    if n == 0:
         return rows, 0
     reference = list(eval_rows)
     for path in check_files(dc.get("files"), "data.decontaminate.files"):
@@ -153,15 +155,14 @@ def decontaminate(rows: list[dict], data_cfg, eval_rows: list[dict]) -> tuple[li
     if not reference:
         raise DataValidationError("data.decontaminate.ngram is set but there is no evaluation set to compare with: set "
                                   "data.eval_files or data.decontaminate.files (or data.decontaminate.ngram=0)")
-    flags = contaminated([prompt_text(r) for r in rows], [prompt_text(r) for r in reference], n,
-                         float(dc.get("threshold") or 0.0))
+    flags = contaminated([prompt_text(r) for r in rows], [prompt_text(r) for r in reference], n, threshold)
     kept = [row for row, flag in zip(rows, flags) if not flag]
     dropped = len(rows) - len(kept)
     log.warning("decontamination: dropped %d of %d training rows whose prompt shares a %d-gram with %d evaluation "
-                "prompts (threshold %s)", dropped, len(rows), n, len(reference), dc.get("threshold") or 0.0)
+                "prompts (threshold %g)", dropped, len(rows), n, len(reference), threshold)
     if not kept:
-        raise DataValidationError(f"data.decontaminate dropped all {len(rows)} training rows: the training and "
-                                  "evaluation sets are the same prompts")
+        raise DataValidationError(f"data.decontaminate dropped all {len(rows)} training rows: raise "
+                                  "data.decontaminate.ngram or data.decontaminate.threshold")
     return kept, dropped
 
 
@@ -190,7 +191,7 @@ def load_split(data_cfg, split: str, require_assistant: bool | None = None, stat
         report(problems)
     else:
         raise DataValidationError(f"data.source={data_cfg.source!r} must be 'synthetic' or 'files'")
-    if split == "train" and int((data_cfg.get("decontaminate") or {}).get("ngram") or 0) > 0:
+    if split == "train" and (data_cfg.get("decontaminate") or {}).get("ngram"):
         has_eval = data_cfg.source == "synthetic" or data_cfg.get("eval_files")
         rows, dropped = decontaminate(rows, data_cfg, load_split(data_cfg, "eval") if has_eval else [])
         if stats is not None:

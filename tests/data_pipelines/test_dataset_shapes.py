@@ -106,8 +106,8 @@ def test_column_mapping_renames_fields(tmp_path):
 
 @pytest.mark.parametrize("fmt, bad, reason", [
     ("gsm8k", {"q": "x", "answer": "#### 1"},
-     r"bad\.jsonl:3: field 'question': missing column 'question' \(columns here: \['answer', 'q'\]\); set "
-     r"data\.columns\.question"),
+     (r"bad\.jsonl:3: field 'question': missing column 'question' \(columns here: \['answer', 'q'\]\); set "
+      r"data\.columns\.question")),
     ("gsm8k", {"question": "x", "answer": "it is 5"}, r"bad\.jsonl:3: field 'answer': column 'answer' does not end in '#### "),
     ("math", {"problem": "x", "solution": "it is 5"}, r"bad\.jsonl:3: field 'solution': column 'solution' has no \\boxed"),
     ("prompts", {"prompt": "x"}, r"bad\.jsonl:3: field 'answer': missing column 'answer'"),

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -50,3 +51,24 @@ def test_option_drops_overlapping_training_rows_and_counts_them(tmp_path, caplog
     cfg.eval_files = []
     with pytest.raises(DataValidationError, match="no evaluation set to compare with"):
         load_split(cfg, "train")
+
+
+def test_bad_setting_names_the_key(tmp_path):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                               {"role": "assistant", "content": "\\boxed{1}"}]}) + "\n")
+    cfg = OmegaConf.create({"source": "files", "train_files": [str(tmp_path / "t.jsonl")], "eval_files": [str(tmp_path / "t.jsonl")],
+                            "decontaminate": {"ngram": 8, "threshold": 2.0, "files": []}})
+    with pytest.raises(DataValidationError, match=r"data.decontaminate: ngram=8 must be >= 0 \(0 = off\) and threshold=2.0 in \[0, 1\]"):
+        load_split(cfg, "train")
+
+
+def test_sft_data_statistics_carry_the_dropped_count(compose, tiny_tokenizer):
+    """On the GSM8K-style fixture (templated questions): 8-grams covering half a prompt catch 10 of 1000 rows."""
+    from train.sft import curriculum
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "gsm8k_style"
+    cfg = compose(["experiment=quickstart", "data=gsm8k", f"data.train_files=[{fixture}/train.jsonl]",
+                   f"data.eval_files=[{fixture}/test.jsonl]", "data.decontaminate.ngram=8",
+                   "data.decontaminate.threshold=0.5", "trainer.row_tokens=1024"])
+    _, stats = curriculum.plan(cfg, tiny_tokenizer)
+    assert stats["data/decontaminated_rows"] == 10 and stats["data/train_rows"] == 990
