@@ -108,8 +108,11 @@ def breakdowns(problems: list[dict], e) -> dict:
     for column in e.breakdown or []:
         groups: dict[str, list[dict]] = {}
         for p in problems:
-            if isinstance(p["meta"].get(column), (str, int, float, bool)):
-                groups.setdefault(str(p["meta"][column]), []).append(p)
+            value = p["meta"].get(column)
+            if isinstance(value, dict):  # e.g. synthetic rows' difficulty {"digits": 2, "num_ops": 1}
+                value = ",".join(f"{k}={v}" for k, v in sorted(value.items()))
+            if isinstance(value, (str, int, float, bool)):
+                groups.setdefault(str(value), []).append(p)
         if groups:
             result[column] = {value: problem_metrics(group, e) for value, group in sorted(groups.items())}
     return result
