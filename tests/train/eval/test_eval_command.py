@@ -27,11 +27,12 @@ def _eval_cfg(overrides, run_dir):
     return cfg
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+@pytest.fixture
+def model_dir(model_cache):
+    """The test-size model, built once per session in the shared cache (conftest.py)."""
     from train.models.model_zoo import embedded_model_path
 
-    return str(embedded_model_path(tmp_path_factory.mktemp("models"), dict(TEST_ARCH), 384, 0))
+    return str(embedded_model_path(model_cache, dict(TEST_ARCH), 384, 0))
 
 
 def test_eval_end_to_end_on_gsm8k_file(tmp_path, model_dir, one_thread):
@@ -95,3 +96,35 @@ def test_missing_model_path_prints_one_line(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "model.path is required" in errors[0], out.stderr[-2000:]
+
+
+def _problem(correct, votes, meta):
+    samples = [{"response": "", "correct": c, "length": 10 + i, "truncated": False, "vote": v}
+               for i, (c, v) in enumerate(zip(correct, votes))]
+    return {"id": "p", "prompt": "q", "answer": "1", "meta": meta, "samples": samples,
+            "greedy": {"response": "", "correct": correct[0], "length": 10, "truncated": False, "vote": votes[0]}}
+
+
+def test_breakdown_groups_by_scalar_and_dict_columns_and_goes_to_a_wandb_table(tmp_path):
+    from train.eval.recipe import breakdowns, write
+
+    cfg = _eval_cfg(["model.path=unused", "eval.samples=2", "eval.pass_k=[1,2]", "eval.maj_k=[2]", "logger.mode=offline"],
+                    tmp_path / "run")
+    problems = [_problem([True, False], ["1", "2"], {"difficulty": {"digits": 2, "num_ops": 1}}),
+                _problem([False, False], ["3", None], {"difficulty": {"digits": 3, "num_ops": 1}}),
+                _problem([True, True], ["1", "1"], {"difficulty": {"digits": 2, "num_ops": 1}})]
+    groups = breakdowns(problems, cfg.eval)["difficulty"]
+    assert sorted(groups) == ["digits=2,num_ops=1", "digits=3,num_ops=1"]
+    two = groups["digits=2,num_ops=1"]
+    assert two["problems"] == 2 and two["pass@1"] == pytest.approx(0.75) and two["pass@2"] == 1.0
+    assert two["maj@2"] == 1.0  # problem 0: a 1-1 tie goes to the first answer ("1", right)
+    assert groups["digits=3,num_ops=1"]["pass@2"] == 0.0
+    from train.eval.recipe import problem_metrics
+
+    results = {"metrics": problem_metrics(problems, cfg.eval), "breakdown": {"difficulty": groups}}
+    write(cfg, results, problems)
+    tables = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/table/eval/results_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert [row[table["columns"].index("group")] for row in table["data"]] == \
+        ["all", "difficulty=digits=2,num_ops=1", "difficulty=digits=3,num_ops=1"]
