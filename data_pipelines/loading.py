@@ -94,11 +94,6 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path}: row {i}", record) for i, record in enumerate(dataset.to_list())]
 
 
-def load_files(paths: list[Path]) -> list[tuple[str, list[dict]]]:
-    """(file name, records) per file."""
-    return [(str(path), [record for _, record in read_records(path)]) for path in paths]
-
-
 def with_reference_answer(row: dict) -> dict:
     """Fill ``answer`` from the last assistant message's boxed answer when the row has none."""
     if row.get("answer") is None:

@@ -1,8 +1,9 @@
 """Row validation for chat data in the `messages` format, run before any training work.
 
 A row is ``{"messages": [{"role": "system"|"user"|"assistant", "content": str, "reasoning_content"?: str}, ...],
-"answer"?: str, ...}``. Problems are reported with the source file, the row number (0-based, as in the file),
-the field and the fix.
+"answer"?: str, ...}`` (other data set shapes are mapped onto it first: data_pipelines/dataset_shapes.py).
+Problems are reported with the source file and line (jsonl) or row number (0-based: parquet, directories,
+generated rows), the field and the fix.
 """
 
 from __future__ import annotations
