@@ -1,8 +1,9 @@
 """Row validation for chat data in the `messages` format, run before any training work.
 
 A row is ``{"messages": [{"role": "system"|"user"|"assistant", "content": str, "reasoning_content"?: str}, ...],
-"answer"?: str, ...}``. Problems are reported with the source file, the row number (0-based, as in the file),
-the field and the fix.
+"answer"?: str, ...}`` (other data set shapes are mapped onto it first: data_pipelines/dataset_shapes.py).
+Problems are reported with the source file and line (jsonl) or row number (0-based: parquet, directories,
+generated rows), the field and the fix.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def validate_rows(rows: list, source: str, require_assistant: bool = True, max_r
     for index, row in enumerate(rows):
         for field, reason in row_problems(row, require_assistant):
             bad.append(f"{source}: row {index}: field '{field}': {reason}")
+    report(bad, max_report)
+
+
+def report(bad: list[str], max_report: int = 10) -> None:
+    """Raise DataValidationError listing the first ``max_report`` of the problems ``bad`` (and how many more)."""
     if bad:
         shown = "\n  ".join(bad[:max_report])
         more = f"\n  ... and {len(bad) - max_report} more" if len(bad) > max_report else ""

@@ -1,4 +1,5 @@
-"""Imports run downwards only: algorithms < rewards < data_pipelines < train (models < run < workers < the recipes).
+"""Imports run downwards only: algorithms < rewards < data_pipelines < train (models < run < workers < the recipes and
+train.eval).
 
 Every .py file under the four packages is parsed with ``ast`` (imports inside functions included, and
 ``importlib.import_module("...")`` with a literal name); an import of a higher layer, or of a sibling recipe of
@@ -22,7 +23,7 @@ LAYERS = [
     ("train.models",),
     ("train.run",),
     ("train.workers",),
-    ("train.sft", "train.rl", "train.synthesis"),
+    ("train.sft", "train.rl", "train.synthesis", "train.eval"),
     ("train",),  # train/__init__.py, train/__main__.py: the entry point that picks a recipe
 ]
 LAYER_OF = {unit: level for level, units in enumerate(LAYERS) for unit in units}

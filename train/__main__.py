@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
 
+from train.run import errors
 from train.run.config_checks import ConfigError
+from train.run.errors import run_or_exit
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 RECIPES = {"sft": "train.sft.recipe", "rl": "train.rl.recipe"}
@@ -40,38 +39,23 @@ def main(cfg: DictConfig) -> None:
     if cfg.run_dir is None:
         with open_dict(cfg):
             cfg.run_dir = HydraConfig.get().runtime.output_dir
-    try:
-        run(cfg)
-    except Exception as err:  # noqa: BLE001 - re-raised unless it is bad input
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_user_error(err):
-            raise
-        sys.exit(f"error: {user_message(err)} (traceback: rerun with HYDRA_FULL_ERROR=1)")
+    run_or_exit(run, cfg, recipe_error_types())
 
 
-def is_user_error(err: BaseException) -> bool:
-    """Bad input rather than a bug: the project's input errors, a missing file, an OmegaConf key error, or a
-    value refused by a config node's ``_target_`` while Hydra instantiated it."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    from data_pipelines.chat_format import ChatTemplateError
-    from data_pipelines.validation import DataValidationError
-    from rewards.registry import RewardConfigError, RewardFunctionError
-    from train.run.checkpoint import CheckpointWriteError
+def recipe_error_types() -> tuple:
+    """The recipes' own input errors (besides train/run/errors.py's common ones)."""
     from train.sft.curriculum import CurriculumError
     from train.workers.actors import TrainerFailure
 
-    if isinstance(err, InstantiationException):
-        return isinstance(err.__cause__, (ValueError, KeyError, TypeError))
-    return isinstance(err, (ConfigError, DataValidationError, ChatTemplateError, RewardConfigError, RewardFunctionError,
-                            CurriculumError, TrainerFailure, CheckpointWriteError, FileNotFoundError,
-                            OmegaConfBaseException))
+    return (CurriculumError, TrainerFailure)
 
 
-def user_message(err: BaseException) -> str:
-    if isinstance(err, InstantiationException) and err.__cause__ is not None:
-        return user_message(err.__cause__)
-    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # str(KeyError) adds quotes
-    return " ".join(str(message).split())  # one line
+def is_user_error(err: BaseException) -> bool:
+    """Bad input rather than a bug (train/run/errors.py), the recipes' errors included."""
+    return errors.is_user_error(err, recipe_error_types())
+
+
+user_message = errors.user_message
 
 
 if __name__ == "__main__":

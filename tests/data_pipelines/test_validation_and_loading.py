@@ -43,7 +43,7 @@ def test_good_row_has_no_problem():
 def test_bad_row_in_file_reports_file_and_row_number(tmp_path):
     bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}
     path = _write_jsonl(tmp_path / "train.jsonl", [GOOD, GOOD, bad, GOOD])
-    with pytest.raises(DataValidationError, match=r"train\.jsonl: row 2: field 'messages\[1\]\.content': empty answer"):
+    with pytest.raises(DataValidationError, match=r"train\.jsonl:3: field 'messages\[1\]\.content': empty answer"):
         load_split(_files_cfg([path]), "train")
 
 

@@ -1,16 +1,19 @@
-"""Held-out evaluation: exact match of the final boxed answer and response lengths, of greedy completions and,
-when asked, of k sampled completions per problem (pass@1 averaged over k samples, as DeepSeek-R1 reports it:
-greedy decoding hides how a policy answers when sampled, e.g. how often it takes a verbose style)."""
+"""Held-out evaluation: correctness of the final answer (math-verify, time-limited: the RL correctness reward's
+scoring, rewards/correctness.py, so ``\\frac{1}{2}`` and ``0.5`` or ``x=3`` and ``3`` agree) and response
+lengths, of greedy completions and, when asked, of k sampled completions per problem (pass@1 averaged over k
+samples, as DeepSeek-R1 reports it: greedy decoding hides how a policy answers when sampled, e.g. how often it
+takes a verbose style). ``python -m train.eval`` (train/eval/) adds pass@k and maj@k on the same scoring."""
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
 
 from data_pipelines.chat_format import generation_prompt
-from data_pipelines.loading import final_boxed
 from data_pipelines.prompts import prompt_messages
+from rewards.correctness import CorrectnessReward
 from train.models.runtime import autocast, component_dtype
 from train.models.sampling import cut_at_eos, left_padded, sample
 
@@ -63,9 +66,37 @@ def generate_sampled(model, tokenizer, prompts: list[str], samples: int, max_new
     return completions
 
 
-def _scores(tokenizer, completions: list[list[int]], answers: list[str], prefix: str) -> tuple[dict, list[str], list[bool]]:
+class AnswerScorer:
+    """Whether each response's final answer equals its reference: the correctness reward's math-verify check
+    (text after ``answer_after`` searched, equivalent forms accepted, ``time_limit_s`` per sample, scored in a
+    child process; a response over the limit is wrong). A missing reference (None) is wrong."""
+
+    def __init__(self, time_limit_s: float = 5.0, answer_after: str | None = "</think>"):
+        self.reward = CorrectnessReward(time_limit_s=time_limit_s, answer_after=answer_after)
+
+    def __call__(self, texts: list[str], answers: list[str | None]) -> list[bool]:
+        known = [i for i, answer in enumerate(answers) if answer is not None]
+        correct = [False] * len(texts)
+        if known:
+            scores, _ = self.reward(None, [texts[i] for i in known], None, [{"answer": str(answers[i])} for i in known])
+            for i, score in zip(known, scores.tolist()):
+                correct[i] = score > 0.5
+        return correct
+
+    def close(self) -> None:
+        self.reward.close()
+
+
+@functools.cache
+def default_scorer() -> AnswerScorer:
+    """One scorer (one math-verify child process) shared by every evaluation of this process."""
+    return AnswerScorer()
+
+
+def _scores(tokenizer, completions: list[list[int]], answers: list[str], prefix: str,
+            scorer: AnswerScorer | None = None) -> tuple[dict, list[str], list[bool]]:
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    correct = [final_boxed(text) == answer for text, answer in zip(texts, answers)]
+    correct = (scorer or default_scorer())(texts, answers)
     lengths = torch.tensor([len(c) for c in completions], dtype=torch.float)
     truncated = [tokenizer.eos_token_id not in c for c in completions]
     metrics = {
@@ -79,8 +110,9 @@ def _scores(tokenizer, completions: list[list[int]], answers: list[str], prefix:
 
 
 def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 64, samples: int = 0,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, precision: str = "auto") -> dict:
-    """Greedy: eval/accuracy (exact match of the last boxed answer), eval/response_length (mean, p90),
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, scorer: AnswerScorer | None = None,
+             precision: str = "auto") -> dict:
+    """Greedy: eval/accuracy (the final answer checked by math-verify), eval/response_length (mean, p90),
     eval/truncated_fraction, eval/tokens_per_correct. With ``samples`` = k > 0 the same over k completions
     per problem sampled at ``temperature`` / ``top_p``, under eval/sampled_* (accuracy = pass@1 averaged over k).
     Generation runs in ``trainer.precision``'s evaluation dtype (``precision``): bf16 autocast on a GPU, fp32 on CPU."""
@@ -90,9 +122,10 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size
         completions = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
         sampled = generate_sampled(model, tokenizer, prompts, samples, max_new_tokens, temperature, top_p, batch_size,
                                    seed) if samples > 0 else None
-    metrics, texts, correct = _scores(tokenizer, completions, [row["answer"] for row in rows], "eval/")
+    metrics, texts, correct = _scores(tokenizer, completions, [row["answer"] for row in rows], "eval/", scorer)
     if sampled is not None:
-        metrics.update(_scores(tokenizer, sampled, [row["answer"] for row in rows for _ in range(samples)], "eval/sampled_")[0])
+        metrics.update(_scores(tokenizer, sampled, [row["answer"] for row in rows for _ in range(samples)], "eval/sampled_",
+                               scorer)[0])
     return {
         **metrics,
         "samples": [

@@ -223,13 +223,15 @@ def plan(cfg: DictConfig, tokenizer) -> tuple[list[Phase], dict]:
         return PackedBatchStream(documents, t.row_tokens, t.rows_per_micro_batch, tokenizer.pad_token_id, seed)
 
     if cur is None:  # plain SFT: one phase of data + trainer
-        rows = load_split(d, "train")
+        loaded: dict = {}  # data/decontaminated_rows when data.decontaminate is on
+        rows = load_split(d, "train", stats=loaded)
         documents, dropped = tokenize_rows(rows, tokenizer, d.max_seq_len, d.system_prompt, multi_turn)
         stream = stream_of(documents, cfg.seed)
         steps = int(t.max_steps) if t.max_steps is not None else max(1, math.ceil(t.epochs * stream.batches_per_epoch() / t.grad_accum))
         phase = Phase(0, "sft", stream, 0, steps, float(t.lr), int(t.warmup_steps), float(t.min_lr_ratio),
                       schedule_steps=t.get("schedule_steps"))
-        return [phase], {"data/train_rows": len(rows), "data/dropped_for_length": dropped, "data/documents": len(documents)}
+        return [phase], {"data/train_rows": len(rows), "data/dropped_for_length": dropped, "data/documents": len(documents),
+                         **loaded}
 
     used = sorted({name for p in cur.phases for name, w in p.mix.items() if w > 0})
     pools, stats = {}, {}

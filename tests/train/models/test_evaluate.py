@@ -37,3 +37,18 @@ def test_sampled_metrics_average_over_k_samples_per_problem(tiny_tokenizer, monk
     assert out["eval/sampled_truncated_fraction"] == 0.25
     assert out["eval/sampled_tokens_per_correct"] == pytest.approx(sum(lengths) / 3)
     assert "eval/sampled_accuracy" not in ev.evaluate(model, tok, rows, max_new_tokens=width, samples=0)
+
+
+def test_held_out_accuracy_uses_math_verify_equivalence(tiny_tokenizer, monkeypatch):
+    """Training-time evaluation scores like the correctness reward: \\frac{1}{2} = 0.5 and x=3 = 3 are right
+    (the former exact match of the boxed string counted both wrong); a wrong value and a missing answer are wrong."""
+    tok = tiny_tokenizer
+    texts = ["<think>half of one</think> The answer is \\boxed{\\frac{1}{2}}.", "so \\boxed{x=3}",
+             "The answer is \\boxed{0.5}.", "The answer is \\boxed{4}.", "The answer is \\boxed{7}."]
+    answers = ["0.5", "3", "\\frac{1}{2}", "5", None]
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}], "answer": a} for i, a in enumerate(answers)]
+    completions = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
+    monkeypatch.setattr(ev, "generate_greedy", lambda *a, **k: completions)
+    out = ev.evaluate(torch.nn.Linear(1, 1), tok, rows, max_new_tokens=64)
+    assert [s["correct"] for s in out["samples"]] == [True, True, True, False, False]
+    assert out["eval/accuracy"] == pytest.approx(3 / 5)

@@ -1,0 +1,1 @@
+"""``python -m train.eval``: evaluation of a checkpoint on a data set (pass@k, maj@k, lengths, truncation)."""
