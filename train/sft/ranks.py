@@ -56,6 +56,11 @@ class SFTRanks:
             self.remove_placement()
             raise
 
+    @property
+    def nodes(self) -> list[str | None]:
+        """The Ray node address of each rank (rank 0 first)."""
+        return [c["node"] for c in self.group.connections]
+
     def start_phase(self, phase: Phase, step: int, saved_schedule: dict | None) -> int:
         """Freeze the phase's parameters and start its lr schedule at global ``step`` (at ``saved_schedule`` when
         resuming inside the phase). Returns the number of frozen parameter tensors."""

@@ -77,10 +77,10 @@ def _run(cfg: DictConfig, stack: ExitStack, rank_options, loss_class) -> dict:
     logger = RunLogger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
     logger.log(data_stats, step)
     log.info(
-        "SFT: %s, %d params, %d steps, %d rank(s) ZeRO-%d, device=%s dtype=%s backend=%s",
+        "SFT: %s, %d params, %d steps, %d rank(s) ZeRO-%d on nodes %s, device=%s dtype=%s backend=%s",
         ", ".join(f"phase {p.index} {p.name!r}: {len(p.stream.documents)} documents {p.mix or ''} steps {p.start}-{p.end}"
                   for p in phases),
-        sum(p.numel() for p in model.parameters()), num_steps, cfg.trainer.world_size, cfg.trainer.zero_stage, device,
+        sum(p.numel() for p in model.parameters()), num_steps, cfg.trainer.world_size, cfg.trainer.zero_stage, ranks.nodes, device,
         dtype, cfg.model.attn_backend,
     )
 
@@ -147,6 +147,7 @@ def _run(cfg: DictConfig, stack: ExitStack, rank_options, loss_class) -> dict:
         "phases": [{"name": p.name, "start": p.start, "steps": p.steps, "mix": p.mix} for p in phases],
         "checkpoint": str(final),
         "run_dir": str(run_dir),
+        "trainer_nodes": ranks.nodes,
         "wandb_dir": logger.wandb_dir,
         **{k: v for k, v in eval_result.items() if k.startswith("eval/")},
     }

@@ -144,7 +144,7 @@ def test_one_epoch_on_2_ranks_trains_every_packed_row_exactly_once(ray_session, 
     assert phase.steps == rows // 2
     record = tmp_path / "trained.jsonl"
     run(cfg, loss_class=partial(RecordingLoss, path=str(record)))
-    trained = [json.loads(line) for line in open(record)]
+    trained = [json.loads(line) for line in record.read_text().splitlines()]
     assert len(trained) == rows  # one micro-batch (one packed row) per rank per step
     by_rank = {r: [tuple(ids) for rank, ids in trained if rank == r] for r in (0, 1)}
     assert len(by_rank[0]) == len(by_rank[1]) == rows // 2
