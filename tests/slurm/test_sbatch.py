@@ -1,7 +1,7 @@
 """slurm/train.sbatch and slurm/ray_cluster.sh without SLURM: fake `srun`, `scontrol`, `ray` and `python` on PATH
 record what the script asks of them in one log, in order. Checked: node list expansion, head address given to
 the workers and to the experiment, Ray started on every node and stopped on all of them after success, failure,
-SIGTERM and the pre-time-limit USR1 (which also requeues), SFT without Ray, and early failures."""
+SIGTERM and the pre-time-limit USR1 (which also requeues), SFT on the same Ray cluster, and early failures."""
 
 import os
 import re
@@ -164,10 +164,15 @@ def test_signal_stops_training_then_ray_and_usr1_requeues(fake, sig, code, reque
         assert not any(l.startswith("scontrol requeue") for l in lines)
 
 
-def test_sft_runs_on_the_first_node_without_ray(fake):
+def test_sft_job_runs_its_ranks_on_the_ray_cluster_of_every_node(fake):
     code, out = fake.run("experiment=quickstart", "run_dir=runs/mine", FAKE_RECIPE="sft", RUN_DIR="runs/x")
     assert code == 0, out
-    assert fake.lines() == ["train: run_dir=runs/x experiment=quickstart run_dir=runs/mine"]  # the last run_dir wins
+    lines = fake.lines()
+    train = "train: run_dir=runs/x experiment=quickstart run_dir=runs/mine cluster.ray_address=10.0.0.1:6379"  # the last run_dir wins
+    assert train in lines and "4 of 4 nodes joined 10.0.0.1:6379" in out
+    assert lines.index("alive-check 10.0.0.1:6379: 4") < lines.index(train)
+    stops = [i for i, line in enumerate(lines) if line.startswith("ray stopped")]
+    assert sorted(lines[i].split()[-1] for i in stops) == sorted(NODES) and min(stops) > lines.index(train)
 
 
 def test_a_node_that_never_joins_fails_the_job_before_training_and_stops_the_others(fake):

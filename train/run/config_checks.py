@@ -157,10 +157,42 @@ def check_architecture(cfg: DictConfig, max_tokens: int, length_key: str) -> Non
         _require(problem is None, str(problem))
 
 
+def check_zero(t: DictConfig) -> None:
+    """``trainer.zero_stage`` and ``trainer.offload_optimizer``: DeepSpeed offloads the optimizer state of stages 1-3."""
+    stage = t.get("zero_stage", 0)
+    _require(stage in (0, 1, 2, 3), f"trainer.zero_stage={stage} must be 0, 1, 2 or 3")
+    _require(not (t.get("offload_optimizer", False) and stage == 0),
+             "trainer.offload_optimizer=true needs trainer.zero_stage 1, 2 or 3 (stage 0 keeps no partitioned optimizer "
+             "state to offload): set trainer.zero_stage=1 or trainer.offload_optimizer=false")
+
+
+def check_trainer_world(t: DictConfig, cluster: DictConfig) -> None:
+    """``trainer.world_size`` ranks must fit this machine (one GPU, or one CPU, each) unless Ray is remote."""
+    import os
+
+    import torch
+
+    _require(isinstance(t.world_size, int) and t.world_size >= 1, f"trainer.world_size={t.world_size} must be an integer >= 1")
+    threads = t.get("num_threads")
+    _require(threads is None or (isinstance(threads, int) and threads >= 1),
+             f"trainer.num_threads={threads} must be an integer >= 1 or null (cores // world_size)")
+    if cluster.get("ray_address"):  # a remote Ray cluster is checked by Ray's own scheduler
+        return
+    on_gpu = torch.cuda.is_available()
+    available = torch.cuda.device_count() if on_gpu else int(cluster.get("ray_num_cpus") or os.cpu_count() or 1)
+    _require(t.world_size <= available,
+             f"trainer.world_size={t.world_size} exceeds the {available} {'GPUs' if on_gpu else 'CPUs'} of this machine "
+             "(one per rank); lower trainer.world_size or give cluster.ray_address of a larger Ray cluster")
+
+
 def check_sft(cfg: DictConfig) -> None:
     check_common(cfg)
     _require(cfg.algorithm.name == "sft", f"algorithm={cfg.algorithm.name} is not an SFT algorithm")
     check_architecture(cfg, cfg.data.max_seq_len, "data.max_seq_len")
+    for key in ("world_size", "zero_stage"):
+        _require(cfg.trainer.get(key) is not None, f"trainer.{key} is not set: SFT runs need trainer=default (or set trainer.{key})")
+    check_zero(cfg.trainer)
+    check_trainer_world(cfg.trainer, cfg.cluster)
 
 
 def check_rl_group_size(a) -> None:
@@ -220,7 +252,7 @@ def check_rl(cfg: DictConfig) -> None:
         _require(t.get(key) is not None, f"trainer.{key} is not set: RL runs need trainer=rl (or set trainer.{key})")
     _require(t.lr > 0, f"trainer.lr={t.lr} must be > 0")
     _require(t.max_steps is not None and t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
-    _require(t.zero_stage in (0, 1, 2, 3), f"trainer.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    check_zero(t)
     _require(t.world_size >= 1, f"trainer.world_size={t.world_size} must be >= 1")
     _require(t.ppo_epochs >= 1, f"trainer.ppo_epochs={t.ppo_epochs} must be >= 1")
     on_gpu = torch.cuda.is_available()

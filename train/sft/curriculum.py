@@ -65,8 +65,28 @@ class Phase:
 
     def lr_schedule(self, optimizer):
         """This phase's schedule on ``optimizer`` (train/run/lr_schedule.py), at the phase's first step."""
-        return warmup_then_decay(optimizer, self.lr, self.warmup_steps, self.schedule_steps or self.steps,
-                                 self.min_lr_ratio, self.decay)
+        return warmup_then_decay(optimizer, **self.schedule())
+
+    def schedule(self) -> dict:
+        """The arguments of this phase's lr schedule (``warmup_then_decay`` / ``PolicyTrainer.start_lr_schedule``)."""
+        return {"peak_lr": self.lr, "warmup_steps": self.warmup_steps, "total_steps": self.schedule_steps or self.steps,
+                "min_lr_ratio": self.min_lr_ratio, "decay": self.decay}
+
+    def freezing(self) -> Freeze:
+        """This phase's parameter freezing, small enough to send to the trainer ranks (the phase holds its data)."""
+        return Freeze(self.index, self.freeze, self.unfreeze)
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """``apply_freeze`` of one phase as a callable on a model: ``Freeze(...)(model)`` -> frozen tensor count."""
+
+    index: int
+    freeze: tuple[str, ...] = ()
+    unfreeze: tuple[str, ...] = ()
+
+    def __call__(self, model) -> int:
+        return apply_freeze(model, self)
 
 
 def phase_at(phases: list[Phase], step: int) -> Phase:
@@ -152,6 +172,9 @@ def check(cfg: DictConfig) -> None:
         _fail(phase.get("warmup_steps", 0) >= 0, f"{key}.warmup_steps={phase.get('warmup_steps')} must be >= 0")
         _fail(0 <= phase.get("min_lr_ratio", cfg.trainer.min_lr_ratio) <= 1, f"{key}.min_lr_ratio must be in [0, 1]")
         _fail(phase.get("decay", "cosine") in DECAYS, f"{key}.decay={phase.get('decay')!r} must be one of {list(DECAYS)}")
+        _fail(not (phase.get("freeze") and cfg.trainer.get("zero_stage", 0) != 0),
+              f"{key}.freeze needs trainer.zero_stage=0: ZeRO stages 1-3 keep one flat optimizer state in which a frozen "
+              "parameter would still move (Adam's moments with a zero gradient); set trainer.zero_stage=0 or drop freeze")
         for which in ("freeze", "unfreeze"):
             for pattern in phase.get(which) or []:
                 try:
@@ -207,10 +230,15 @@ def _mix(phase_index: int, phase_name: str, weights: dict, pools: dict[str, list
     return documents, counts
 
 
-def _steps(phase_cfg, stream: PackedBatchStream, grad_accum: int) -> int:
+def _steps(phase_cfg, stream: PackedBatchStream, micro_batches_per_step: int) -> int:
     if phase_cfg.get("steps") is not None:
         return int(phase_cfg.steps)
-    return max(1, math.ceil(phase_cfg.epochs * stream.batches_per_epoch() / grad_accum))
+    return max(1, math.ceil(phase_cfg.epochs * stream.batches_per_epoch() / micro_batches_per_step))
+
+
+def micro_batches_per_step(trainer_cfg) -> int:
+    """Micro-batches one optimizer step takes from the stream: ``grad_accum`` on each of ``world_size`` ranks."""
+    return int(trainer_cfg.grad_accum) * int(trainer_cfg.get("world_size", 1))
 
 
 def plan(cfg: DictConfig, tokenizer) -> tuple[list[Phase], dict]:
@@ -227,7 +255,7 @@ def plan(cfg: DictConfig, tokenizer) -> tuple[list[Phase], dict]:
         rows = load_split(d, "train", stats=loaded)
         documents, dropped = tokenize_rows(rows, tokenizer, d.max_seq_len, d.system_prompt, multi_turn)
         stream = stream_of(documents, cfg.seed)
-        steps = int(t.max_steps) if t.max_steps is not None else max(1, math.ceil(t.epochs * stream.batches_per_epoch() / t.grad_accum))
+        steps = int(t.max_steps) if t.max_steps is not None else max(1, math.ceil(t.epochs * stream.batches_per_epoch() / micro_batches_per_step(t)))
         phase = Phase(0, "sft", stream, 0, steps, float(t.lr), int(t.warmup_steps), float(t.min_lr_ratio),
                       schedule_steps=t.get("schedule_steps"))
         return [phase], {"data/train_rows": len(rows), "data/dropped_for_length": dropped, "data/documents": len(documents),
@@ -244,7 +272,7 @@ def plan(cfg: DictConfig, tokenizer) -> tuple[list[Phase], dict]:
         name = p.get("name") or f"phase{k}"
         documents, counts = _mix(k, name, dict(p.mix), pools, p.get("samples"), cfg.seed)
         stream = stream_of(documents, cfg.seed * 1_000 + k)
-        steps = _steps(p, stream, t.grad_accum)
+        steps = _steps(p, stream, micro_batches_per_step(t))
         phases.append(Phase(
             k, name, stream, start, steps, float(p.get("lr", t.lr)), int(p.get("warmup_steps", 0)),
             float(p.get("min_lr_ratio", t.min_lr_ratio)), p.get("decay", "cosine"),
@@ -256,15 +284,25 @@ def plan(cfg: DictConfig, tokenizer) -> tuple[list[Phase], dict]:
 
 
 # -- model ------------------------------------------------------------------------------------------------------------
-def apply_freeze(model, phase: Phase) -> int:
-    """Set ``requires_grad`` for ``phase``: a parameter is frozen when its name matches a ``freeze`` pattern and
-    no ``unfreeze`` pattern. Returns the number of frozen parameter tensors. AdamW skips parameters without a
-    gradient, so frozen ones keep their weights and their moment estimates."""
-    names = [name for name, _ in model.named_parameters()]
+def _check_patterns(names: list[str], phase) -> None:
     for which in ("freeze", "unfreeze"):
         for pattern in getattr(phase, which):
             _fail(any(re.search(pattern, n) for n in names),
                   f"curriculum.phases[{phase.index}].{which}: {pattern!r} matches no parameter (names look like {names[0]!r})")
+
+
+def check_freezing(model, phases: list[Phase]) -> None:
+    """Every phase's freeze / unfreeze pattern matches a parameter of ``model`` (checked before the ranks start)."""
+    names = [name for name, _ in model.named_parameters()]
+    for phase in phases:
+        _check_patterns(names, phase)
+
+
+def apply_freeze(model, phase: Phase) -> int:
+    """Set ``requires_grad`` for ``phase``: a parameter is frozen when its name matches a ``freeze`` pattern and
+    no ``unfreeze`` pattern. Returns the number of frozen parameter tensors. AdamW skips parameters without a
+    gradient, so frozen ones keep their weights and their moment estimates."""
+    _check_patterns([name for name, _ in model.named_parameters()], phase)
     frozen = 0
     for name, param in model.named_parameters():
         freeze = any(re.search(p, name) for p in phase.freeze) and not any(re.search(p, name) for p in phase.unfreeze)

@@ -1,14 +1,17 @@
-"""SFT recipe: packed chats -> cross-entropy on assistant tokens -> AdamW, evaluated on held-out problems.
+"""SFT recipe: packed chats -> cross-entropy on assistant tokens -> AdamW on DeepSpeed ZeRO trainer ranks,
+evaluated on held-out problems.
 
 Reads top to bottom: check config, plan the phases (data streams + lr schedules; a plain run is one phase, a
-``curriculum`` several: train/sft/curriculum.py), build/load the model, (resume), train with periodic eval and
-checkpoints, final eval and checkpoint. Components live in data_pipelines/ and train/.
+``curriculum`` several: train/sft/curriculum.py), start the ``trainer.world_size`` ranks (train/sft/ranks.py: the
+trainer component RL uses too) from the model or the checkpoint, (resume), train with periodic eval and
+checkpoints, final eval and checkpoint. The driver keeps the data streams, a copy of the model for evaluation and
+HF-format checkpoints, and the run's logger. Components live in data_pipelines/ and train/.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -16,52 +19,25 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from train.models.evaluate import evaluate
-from train.models.forward import sft_loss_sum
 from train.models.model_zoo import load_model, load_tokenizer, resolve_model_path
-from train.models.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from train.models.runtime import resolve_device, resolve_precision, seed_everything
 from train.run import checkpoint
 from train.run.config_checks import check_sft
-from train.run.lr_schedule import restore as lr_schedule_restore
 from train.run.run_logger import RunLogger
 from train.sft import curriculum
+from train.sft.loss import TokenCrossEntropy
+from train.sft.ranks import start_ranks
 
 log = logging.getLogger(__name__)
 
 
-def build_optimizer(model, trainer_cfg):
-    """AdamW; its lr follows the phase's schedule (train/sft/curriculum.py, train/run/lr_schedule.py)."""
-    return torch.optim.AdamW(
-        model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas), weight_decay=trainer_cfg.weight_decay
-    )
+def run(cfg: DictConfig, rank_options: list[dict] | None = None, loss_class=TokenCrossEntropy) -> dict:
+    """Train ``cfg``. ``rank_options`` (Ray options per trainer rank) and ``loss_class``: hooks for tests."""
+    with ExitStack() as stack:
+        return _run(cfg, stack, rank_options, loss_class)
 
 
-def train_step(model, stream, optimizer, cfg, device, dtype) -> dict:
-    """One optimizer step (at the optimizer's lr) over ``grad_accum`` packed micro-batches; the loss is the mean
-    over all their loss tokens, exactly as if they were one batch."""
-    batches = [stream.next() for _ in range(cfg.trainer.grad_accum)]
-    loss_tokens = sum(b.num_loss_tokens for b in batches)
-    total_loss = 0.0
-    for batch in batches:
-        with autocast(device, dtype):
-            loss_sum, _ = sft_loss_sum(model, batch.to(device), cfg.model.attn_backend)
-        (loss_sum / max(loss_tokens, 1)).backward()
-        total_loss += loss_sum.item()
-    max_norm = cfg.trainer.max_grad_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    tokens = sum(b.num_tokens for b in batches)
-    return {
-        "train/loss": total_loss / max(loss_tokens, 1),
-        "train/grad_norm": grad_norm,
-        "train/lr": optimizer.param_groups[0]["lr"],
-        "train/loss_tokens": loss_tokens,
-        "perf/tokens": tokens,
-        "perf/padding_fraction": sum(b.num_padding for b in batches) / tokens,
-    }
-
-
-def run(cfg: DictConfig) -> dict:
+def _run(cfg: DictConfig, stack: ExitStack, rank_options, loss_class) -> dict:
     check_sft(cfg)
     curriculum.check(cfg)
     run_dir = Path(cfg.run_dir)
@@ -80,18 +56,19 @@ def run(cfg: DictConfig) -> dict:
     is_curriculum = cfg.get("curriculum") is not None
 
     resume_from = checkpoint.resolve_resume(cfg.trainer.resume, run_dir)
+    # the driver's copy: evaluation and HF-format checkpoints, with the ranks' weights copied in before each
     model = load_model(resume_from or model_path, cfg.model.attn_backend, torch.float32, device)
-    model.train()
-    optimizer = build_optimizer(model, cfg.trainer)
+    curriculum.check_freezing(model, phases)  # a pattern that matches no parameter fails before the ranks start
+    ranks = stack.enter_context(start_ranks(cfg, resume_from or model_path, rank_options, loss_class))
     step, saved_schedule = 0, None
     if resume_from is not None:
         state = checkpoint.load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         phase = curriculum.phase_at(phases, step)
         if state.get("phase", 0) != phase.index:
             raise ValueError(f"checkpoint {resume_from} is in phase {state.get('phase', 0)} but curriculum.phases puts "
                              f"step {step} in phase {phase.index}: the curriculum changed since; resume with the same config")
+        ranks.load_state(resume_from, step)
         phase.stream.load_state_dict(state["data"])
         saved_schedule = state.get("lr_schedule")  # None at a phase boundary: the phase starts its own
         checkpoint.set_rng_state(state["rng"])
@@ -100,25 +77,27 @@ def run(cfg: DictConfig) -> dict:
     logger = RunLogger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
     logger.log(data_stats, step)
     log.info(
-        "SFT: %s, %d params, %d steps, device=%s dtype=%s backend=%s",
+        "SFT: %s, %d params, %d steps, %d rank(s) ZeRO-%d on nodes %s, device=%s dtype=%s backend=%s",
         ", ".join(f"phase {p.index} {p.name!r}: {len(p.stream.documents)} documents {p.mix or ''} steps {p.start}-{p.end}"
                   for p in phases),
-        sum(p.numel() for p in model.parameters()), num_steps, device, dtype, cfg.model.attn_backend,
+        sum(p.numel() for p in model.parameters()), num_steps, cfg.trainer.world_size, cfg.trainer.zero_stage, ranks.nodes, device,
+        dtype, cfg.model.attn_backend,
     )
 
     def save():
         phase = curriculum.phase_at(phases, step)  # the phase of the next step, and its data position
-        schedule_state = lr_schedule.state_dict() if lr_schedule is not None and step < phase_end else None
+        schedule_state = ranks.lr_schedule_state() if phase_end and step < phase_end else None
+        model.load_state_dict(ranks.weights(), strict=False)  # parameters; tied weights and buffers stay
         return checkpoint.save(
             run_dir, step, model, tokenizer,
-            {"optimizer": optimizer.state_dict(), "lr_schedule": schedule_state, "phase": phase.index,
-             "data": phase.stream.state_dict()},
-            cfg.trainer.keep_last,
+            {"lr_schedule": schedule_state, "phase": phase.index, "data": phase.stream.state_dict()},
+            cfg.trainer.keep_last, write_extra=ranks.save_state,  # DeepSpeed state: optimizer shards of every rank
         )
 
     def run_eval(phase_end: int | None = None) -> dict:
         """Every held-out set; at the end of a curriculum phase also under ``eval/phase{k}/...``."""
         result = {}
+        model.load_state_dict(ranks.weights(), strict=False)  # parameters; tied weights and buffers stay
         for name, rows in eval_sets.items():
             scores = evaluate(model, tokenizer, rows, cfg.rollout.max_new_tokens, cfg.rollout.batch_size)
             samples = scores.pop("samples")
@@ -131,27 +110,18 @@ def run(cfg: DictConfig) -> dict:
         logger.log(result, step)
         return result
 
-    history, eval_result, phase, lr_schedule, phase_end = [], {}, None, None, 0
+    history, eval_result, phase, phase_end = [], {}, None, 0
     progress = tqdm(total=num_steps, initial=step, desc="sft", dynamic_ncols=True)
     while step < num_steps:
         if phase is None or step >= phase.end:
             phase = curriculum.phase_at(phases, step)
-            frozen = curriculum.apply_freeze(model, phase)
-            lr_schedule, phase_end = phase.lr_schedule(optimizer), phase.end
-            if saved_schedule is not None:
-                lr_schedule_restore(lr_schedule, saved_schedule)
-            elif step > phase.start:  # a checkpoint from before schedules were saved
-                for _ in range(step - phase.start):
-                    lr_schedule.step()
-            saved_schedule = None
+            frozen = ranks.start_phase(phase, step, saved_schedule)
+            phase_end, saved_schedule = phase.end, None
             if is_curriculum:
                 progress.write(f"step {step}: phase {phase.index} {phase.name!r} ({phase.steps} steps, peak lr "
                                f"{phase.lr:g}, {frozen} parameter tensors frozen)")
-        start = time.perf_counter()
-        metrics = train_step(model, phase.stream, optimizer, cfg, device, dtype)
-        lr_schedule.step()
+        metrics = ranks.step(phase)
         step += 1
-        metrics["perf/tokens_per_s"] = metrics["perf/tokens"] / (time.perf_counter() - start)
         metrics["train/epoch"] = phase.stream.epoch + phase.stream.index / max(phase.stream.batches_per_epoch(), 1)
         if is_curriculum:
             metrics["train/phase"] = phase.index
@@ -177,6 +147,7 @@ def run(cfg: DictConfig) -> dict:
         "phases": [{"name": p.name, "start": p.start, "steps": p.steps, "mix": p.mix} for p in phases],
         "checkpoint": str(final),
         "run_dir": str(run_dir),
+        "trainer_nodes": ranks.nodes,
         "wandb_dir": logger.wandb_dir,
         **{k: v for k, v in eval_result.items() if k.startswith("eval/")},
     }

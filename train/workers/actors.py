@@ -97,6 +97,17 @@ class TrainerGroup:
         """End of an RL step: every rank's schedule moves on; returns the lr the step used."""
         return self._get([rank.advance_lr_schedule.remote() for rank in self.ranks], "the lr schedule")[0]
 
+    def start_lr_schedule(self, **schedule) -> float:
+        """Every rank replaces its lr schedule (``PolicyTrainer.start_lr_schedule``); returns the next step's lr."""
+        return self._get([rank.start_lr_schedule.remote(**schedule) for rank in self.ranks], "the lr schedule")[0]
+
+    def lr_schedule_state(self) -> dict:
+        return self._get([self.ranks[0].lr_schedule_state.remote()], "the lr schedule")[0]
+
+    def apply_to_model(self, fn) -> object:
+        """``fn(module)`` on every rank's model; rank 0's result."""
+        return self._get([rank.apply_to_model.remote(fn) for rank in self.ranks], "a model change")[0]
+
     def shutdown(self) -> None:
         for rank in self.ranks:
             ray.kill(rank)

@@ -1,4 +1,5 @@
-"""One rank of the policy trainer: a torch.distributed process wrapped by DeepSpeed ZeRO (stage 0-3).
+"""One rank of the policy trainer, shared by SFT and RL: a torch.distributed process wrapped by DeepSpeed ZeRO
+(stage 0-3). SFT hands it a token cross-entropy loss (train/sft/loss.py), RL its policy objective.
 
 A group of these (Ray actors, see train/workers/actors.py) forms one world: gloo on CPU (``DS_ACCELERATOR=cpu``),
 NCCL on GPU. Each rank computes log-probs and losses on its share of packed micro-batches through the same
@@ -67,6 +68,7 @@ def deepspeed_config(trainer_cfg: dict, world_size: int, micro_batches_per_rank:
         if stage == 0:
             raise ValueError("trainer.offload_optimizer=true needs trainer.zero_stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu"}
+    offload = "offload_optimizer" in zero
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": micro_batches_per_rank,
@@ -86,6 +88,8 @@ def deepspeed_config(trainer_cfg: dict, world_size: int, micro_batches_per_rank:
         },
         "gradient_clipping": float(trainer_cfg.get("max_grad_norm", 0.0)),
         "bf16": {"enabled": compute_dtype(trainer_cfg.get("precision", "auto"), on_gpu) == torch.bfloat16},
+        # offload steps the torch AdamW above on the CPU copy instead of DeepSpeed's compiled CPUAdam
+        **({"zero_force_ds_cpu_optimizer": False} if offload else {}),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -194,16 +198,18 @@ class PolicyTrainer:
         ``loss_fn(logprobs, entropy, batch, extra) -> (loss, stats)`` returns the micro-batch's share of the
         global loss (shape []); it is rescaled to undo DeepSpeed's averaging, so the update equals one step on
         the whole global batch.
+        A ``loss_fn`` with ``needs_entropy = False`` gets ``entropy=None`` (saves a pass over the vocabulary).
         ``keep_gradients`` keeps the full reduced gradient of the step (before clipping) for ``gradients()``.
         """
         if len(batches) != self.engine.gradient_accumulation_steps():
             raise ValueError(f"rank {self.rank} got {len(batches)} micro-batches, expected {self.engine.gradient_accumulation_steps()}")
         scale = self.world_size * self.engine.gradient_accumulation_steps()
+        with_entropy = getattr(loss_fn, "needs_entropy", True)  # a diagnostic the SFT loss does without
         totals: dict[str, float] = {}
         grad_norm = None
         for index, (batch, extra) in enumerate(zip(batches, extras)):
             batch = batch.to(self.device)
-            logprobs, entropy = token_logprobs(self.engine, batch, self.attn_backend, with_entropy=True)
+            logprobs, entropy = token_logprobs(self.engine, batch, self.attn_backend, with_entropy=with_entropy)
             loss_sum, stats = loss_fn(logprobs, entropy, batch, {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in extra.items()})
             self.engine.backward(loss_sum * scale)
             if index == len(batches) - 1 and self.config["zero_optimization"]["stage"] == 0:
@@ -227,6 +233,26 @@ class PolicyTrainer:
         used = self.lr_schedule.get_last_lr()[0]
         self.lr_schedule.step()
         return used
+
+    def start_lr_schedule(self, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float,
+                          decay: str = "cosine", state: dict | None = None, steps_done: int = 0) -> float:
+        """Replace the lr schedule (an SFT curriculum phase brings its own, train/run/lr_schedule.py): at its
+        saved ``state`` when resuming inside the phase, else ``steps_done`` steps in. Returns the lr of the next step."""
+        self.lr_schedule = warmup_then_decay(self.engine.basic_optimizer, peak_lr, warmup_steps, total_steps,
+                                             min_lr_ratio, decay)
+        if state is not None:
+            restore_lr_schedule(self.lr_schedule, state)
+        else:
+            for _ in range(steps_done):
+                self.lr_schedule.step()
+        return self.lr_schedule.get_last_lr()[0]
+
+    def lr_schedule_state(self) -> dict:
+        return self.lr_schedule.state_dict()
+
+    def apply_to_model(self, fn: Callable):
+        """``fn(module)`` on this rank's model (e.g. a curriculum phase's parameter freezing); returns its result."""
+        return fn(self.engine.module)
 
     def _full_gradients(self) -> dict[str, torch.Tensor] | None:
         """The reduced gradient of every parameter on rank 0 (between the last backward and the optimizer step;

@@ -14,6 +14,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray starts its workers at nice 15 by default, below this driver: on a machine shared with other work the
+    # trainer ranks then starve (an SFT step of the quickstart took 7 s instead of 0.1 s under load). A local
+    # instance runs them at the driver's priority; a cluster started elsewhere keeps its own setting.
+    if not address:
+        os.environ.setdefault("RAY_worker_niceness", "0")
     if address:
         ray.init(address=address, log_to_driver=False)
     else:

@@ -57,29 +57,24 @@ def _metrics(run_dir):
 
 
 def test_phases_switch_data_lr_and_frozen_parameters_at_the_configured_step(compose, tmp_path, monkeypatch):
-    seen_batches, used_lrs = [], []
-    next_batch, adamw_step = PackedBatchStream.next, torch.optim.AdamW.step
+    seen_batches = []
+    next_batch = PackedBatchStream.next  # the stream stays in the driver: it hands each step's rows to the ranks
 
     def recording_next(self):
         batch = next_batch(self)
         seen_batches.append(batch.sample_ids)
         return batch
 
-    def recording_step(self, *args, **kwargs):
-        used_lrs.append(self.param_groups[0]["lr"])
-        return adamw_step(self, *args, **kwargs)
-
     monkeypatch.setattr(PackedBatchStream, "next", recording_next)
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     summary = run(_config(compose, tmp_path / "run"))
 
     # 3 + 3 steps; the logged phase switches after step 3
     assert [p["steps"] for p in summary["phases"]] == [3, 3]
     steps = [m for m in _metrics(tmp_path / "run") if "train/loss" in m]
     assert [m["train/phase"] for m in steps] == [0, 0, 0, 1, 1, 1]
-    # lr the optimizer stepped with, per phase (warmup from 0, then cosine / linear), computed by hand
+    # lr the ranks' optimizer stepped with (its param groups' lr, logged), per phase (warmup from 0, then cosine /
+    # linear), computed by hand
     expected = [0.0, 1e-2, 1e-2 * (0.5 * 0.9 + 0.1), 5e-3, 5e-3 * (1 - 0.5 / 3), 5e-3 * (1 - 0.5 * 2 / 3)]
-    assert used_lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert [m["train/lr"] for m in steps] == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
     # documents per dataset: all 80 documents of the mixed datasets split 3:1; b has weight 0 in phase 0
