@@ -138,8 +138,10 @@ class VLLMRolloutWorker:
 
         tok = self.tokenizer
         ids = [p if not isinstance(p, str) else tok.encode(p, add_special_tokens=False) for p in prompts]
+        # vLLM seeds sample i of a request with its seed + i: prompt p's seed + p * group_size keeps every sample's apart
         params = [SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 seed=None if seed is None else seed + p, stop_token_ids=[tok.eos_token_id], logprobs=0)
+                                 seed=None if seed is None else seed + p * group_size, stop_token_ids=[tok.eos_token_id],
+                                 logprobs=0)
                   for p in range(len(ids))]
         self._wake("weights", "kv_cache")
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)

@@ -203,7 +203,7 @@ def test_rollouts_are_grouped_versioned_and_carry_truncation_and_sampled_logprob
                                seed=11, prompt_offset=10)
     eos = tiny_tokenizer.eos_token_id
     assert [p.kwargs for p in llm.last_params] == [
-        {"n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 5, "seed": 11 + p, "stop_token_ids": [eos], "logprobs": 0}
+        {"n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 5, "seed": 11 + 3 * p, "stop_token_ids": [eos], "logprobs": 0}
         for p in range(2)]
     assert [(r.prompt_index, r.policy_version) for r in rollouts] == [(10, 4)] * 3 + [(11, 4)] * 3
     assert rollouts[0].prompt_ids == tiny_tokenizer.encode(text, add_special_tokens=False)
