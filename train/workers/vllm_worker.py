@@ -31,7 +31,7 @@ import socket
 import torch
 
 from train.models.runtime import component_dtype
-from train.run.vllm_settings import DEFAULTS, DTYPES, vllm_settings
+from train.run.vllm_settings import DTYPES, vllm_settings
 from train.workers.rollout_worker import Rollout
 
 SLEEP_LEVEL = 1  # weights kept in CPU memory while asleep: a wake-up restores the last loaded weights
@@ -92,7 +92,7 @@ class VLLMRolloutWorker:
         except ImportError as err:
             raise ImportError("rollout.backend=vllm needs the vllm package: pip install -e '.[vllm]' "
                               "(or use rollout.backend=hf)") from err
-        settings = vllm_settings(settings, "colocated") if settings is None else {**DEFAULTS, **settings}
+        settings = vllm_settings(settings, "colocated")  # resolved already by the pool's caller; an unresolved auto: on
         kwargs = engine_kwargs(model_path, seed, settings, precision)
         os.environ.update(external_launcher_env(kwargs["tensor_parallel_size"]))
         self.llm = LLM(**kwargs)
