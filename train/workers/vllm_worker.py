@@ -31,7 +31,7 @@ import socket
 import torch
 
 from train.models.runtime import component_dtype
-from train.run.vllm_settings import DEFAULTS, DTYPES, vllm_settings
+from train.run.vllm_settings import DTYPES, vllm_settings
 from train.workers.rollout_worker import Rollout
 
 SLEEP_LEVEL = 1  # weights kept in CPU memory while asleep: a wake-up restores the last loaded weights
@@ -92,7 +92,7 @@ class VLLMRolloutWorker:
         except ImportError as err:
             raise ImportError("rollout.backend=vllm needs the vllm package: pip install -e '.[vllm]' "
                               "(or use rollout.backend=hf)") from err
-        settings = vllm_settings(settings, "colocated") if settings is None else {**DEFAULTS, **settings}
+        settings = vllm_settings(settings, "colocated")  # resolved already by the pool's caller; an unresolved auto: on
         kwargs = engine_kwargs(model_path, seed, settings, precision)
         os.environ.update(external_launcher_env(kwargs["tensor_parallel_size"]))
         self.llm = LLM(**kwargs)
@@ -138,8 +138,10 @@ class VLLMRolloutWorker:
 
         tok = self.tokenizer
         ids = [p if not isinstance(p, str) else tok.encode(p, add_special_tokens=False) for p in prompts]
+        # vLLM seeds sample i of a request with its seed + i: prompt p's seed + p * group_size keeps every sample's apart
         params = [SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 seed=None if seed is None else seed + p, stop_token_ids=[tok.eos_token_id], logprobs=0)
+                                 seed=None if seed is None else seed + p * group_size, stop_token_ids=[tok.eos_token_id],
+                                 logprobs=0)
                   for p in range(len(ids))]
         self._wake("weights", "kv_cache")
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)

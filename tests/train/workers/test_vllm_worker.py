@@ -203,7 +203,7 @@ def test_rollouts_are_grouped_versioned_and_carry_truncation_and_sampled_logprob
                                seed=11, prompt_offset=10)
     eos = tiny_tokenizer.eos_token_id
     assert [p.kwargs for p in llm.last_params] == [
-        {"n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 5, "seed": 11 + p, "stop_token_ids": [eos], "logprobs": 0}
+        {"n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 5, "seed": 11 + 3 * p, "stop_token_ids": [eos], "logprobs": 0}
         for p in range(2)]
     assert [(r.prompt_index, r.policy_version) for r in rollouts] == [(10, 4)] * 3 + [(11, 4)] * 3
     assert rollouts[0].prompt_ids == tiny_tokenizer.encode(text, add_special_tokens=False)
@@ -264,3 +264,61 @@ def test_config_checks_accept_the_preset(compose):
     cfg = compose(["algorithm=grpo", "trainer=rl", "rollout=vllm", "cluster.placement=disaggregated",
                    "rollout.num_workers=2", "rollout.vllm.gpu_memory_utilization=0.9"])
     check_vllm(cfg.rollout, cfg.cluster.placement, cfg.trainer.world_size, True, True)
+
+
+def test_start_up_hands_the_rollout_vllm_keys_and_the_precision_to_the_pool(compose, monkeypatch):
+    """train/rl/startup.py builds the rollout pool with rollout.backend, trainer.precision and the resolved
+    rollout.vllm settings (RolloutPool passes them to each VLLMRolloutWorker; other actors stubbed out)."""
+    from train.rl import startup
+    from train.workers import actors
+
+    pools = []
+
+    class Pool:
+        def __init__(self, *args, **kwargs):
+            pools.append((args, kwargs))
+
+        def shutdown(self):
+            pass
+
+    class Trainer(Pool):
+        pass
+
+    monkeypatch.setattr(actors, "RolloutPool", Pool)
+    monkeypatch.setattr(actors, "TrainerGroup", Trainer)
+    monkeypatch.setattr(startup, "init_ray", lambda *a, **k: None)
+    cfg = compose(["algorithm=grpo", "trainer=rl", "rollout=vllm", "trainer.precision=bf16",
+                   "rollout.vllm.gpu_memory_utilization=0.4", "rollout.vllm.max_model_len=1024"])
+    rewards = types.SimpleNamespace(close=lambda: None)
+    with startup.start_actors(cfg, "/start", "/model", rewards, kl_beta=0.0):
+        pass
+    (args, kwargs), = [p for p in pools if "backend" in p[1]]
+    assert args[:2] == (1, "/start") and kwargs["backend"] == "vllm" and kwargs["precision"] == "bf16"
+    assert kwargs["vllm_settings"] == {"gpu_memory_utilization": 0.4, "tensor_parallel_size": 1, "enforce_eager": False,
+                                       "max_model_len": 1024, "max_num_batched_tokens": 4096, "dtype": "auto",
+                                       "enable_sleep_mode": True}  # colocated (cluster=local's placement)
+
+
+def test_rollout_pool_starts_vllm_workers_with_the_settings(monkeypatch):
+    from train.workers import actors
+
+    started = []
+
+    class Actor:
+        def __init__(self, cls):
+            self.cls = cls
+
+        def options(self, **options):
+            self.options_given = options
+            return self
+
+        def remote(self, *args, **kwargs):
+            started.append((self.cls, self.options_given, args, kwargs))
+            return object()
+
+    monkeypatch.setattr(actors.ray, "remote", Actor)
+    settings = {"gpu_memory_utilization": 0.4, "enable_sleep_mode": True}
+    actors.RolloutPool(2, "/start", seed=5, worker_options=[{"num_gpus": 0.5, "num_cpus": 0}] * 2, backend="vllm",
+                       precision="bf16", vllm_settings=settings)
+    assert started == [(VLLMRolloutWorker, {"num_gpus": 0.5, "num_cpus": 0}, ("/start", 5 + i),
+                        {"settings": settings, "precision": "bf16"}) for i in range(2)]
