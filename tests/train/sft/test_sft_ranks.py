@@ -70,7 +70,7 @@ def _reference_gradients(path: str, docs: list[Document]) -> tuple[float, dict]:
 
 
 def test_sft_step_on_2_ranks_under_every_zero_stage_equals_one_process(ray_session, model_cache, tiny_tokenizer):
-    """4 micro-batches of 1, 2, 3 and 1 documents: rank 0 of 2 gets the first two (3 documents), rank 1 the last two
+    """ZeRO-0/1/2/3 (and ZeRO-2 with the optimizer offloaded to CPU). 4 micro-batches of 1, 2, 3 and 1 documents: rank 0 of 2 gets the first two (3 documents), rank 1 the last two
     (4), so their loss-token counts differ; each rank accumulates 2 micro-batches. Against a float64 computation,
     one document at a time without packing:
     - the loss within 1e-6 (relative) and the gradient within 1e-5 of each tensor's largest entry: fp32 sums of the
@@ -93,14 +93,15 @@ def test_sft_step_on_2_ranks_under_every_zero_stage_equals_one_process(ray_sessi
     initial = {n: p.detach() for n, p in load_model(path).named_parameters()}
 
     one_rank_step = None
-    for world, stage in [(1, 0), (2, 0), (2, 1), (2, 2), (2, 3)]:
-        group = TrainerGroup(world, path, "sdpa", {**TRAINER, "zero_stage": stage}, micro_batches_per_rank=4 // world)
+    for world, stage, offload in [(1, 0, False), (2, 0, False), (2, 1, False), (2, 2, False), (2, 2, True), (2, 3, False)]:
+        trainer_cfg = {**TRAINER, "zero_stage": stage, "offload_optimizer": offload}
+        group = TrainerGroup(world, path, "sdpa", trainer_cfg, micro_batches_per_rank=4 // world)
         try:
             stats = group.train_step(batches, TokenCrossEntropy(step_tokens), [{}] * 4, keep_gradients=True)
             grads, weights = group.gradients(), group.full_state_dict()
         finally:
             group.shutdown()
-        what = f"{world} rank(s) ZeRO-{stage}"
+        what = f"{world} rank(s) ZeRO-{stage}" + (" + CPU offload" if offload else "")
         if world == 2:
             assert [s["loss_tokens"] for s in stats] == per_rank, what  # each rank trained its own rows
         assert sum(s["loss_sum"] for s in stats) == pytest.approx(want_loss, rel=1e-6), what

@@ -6,7 +6,7 @@ import pytest
 from tests.loopback_cluster import NODES
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # ~50-110 s: two SFT runs on a fresh two-node cluster
 
 OVERRIDES = [
     "experiment=quickstart",
