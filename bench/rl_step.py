@@ -99,8 +99,10 @@ def step_prompts(cfg, num_steps: int) -> list[list]:
 
     from data_pipelines.loading import load_split
     from data_pipelines.prompts import to_prompts
+    from train.models.model_zoo import load_tokenizer
 
-    prompts = to_prompts(load_split(cfg.data, "train", require_assistant=False), cfg.data.system_prompt)
+    tokenizer = load_tokenizer(model_path_of(cfg))  # its chat template renders the prompts
+    prompts = to_prompts(tokenizer, load_split(cfg.data, "train", require_assistant=False), cfg.data.system_prompt)
     sampler = instantiate(cfg.sampler, prompts=prompts, batch_size=cfg.rollout.prompts_per_step, seed=cfg.seed)
     return [sampler.next() for _ in range(num_steps)]
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from jinja2.exceptions import TemplateError
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -115,8 +117,6 @@ def template_messages(tokenizer, messages: list[dict]) -> list[dict]:
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     """The template's text for already converted ``messages``; a template's own refusal becomes one line."""
-    from jinja2.exceptions import TemplateError
-
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError as err:
