@@ -270,12 +270,12 @@ def _rl_step_module():
 def _sft_batches(tokenizer, num_docs: int = 16, rows: int = 2):
     """Packed multi-row SFT micro-batches of arithmetic chats (several documents per row)."""
     from data_pipelines.arithmetic import ArithmeticSpec, generate
-    from data_pipelines.chat_format import render_segments, tokenize_segments
+    from data_pipelines.chat_format import chat_ids
     from data_pipelines.packing import Document, pack
 
     docs = []
     for row in generate(ArithmeticSpec(verbosity=0.5), num_docs, seed=11):
-        ids, loss, _ = tokenize_segments(tokenizer, render_segments(row["messages"]))
+        ids, loss = chat_ids(tokenizer, row["messages"])
         docs.append(Document(ids, loss, sample_id=row["id"]))
     longest = max(len(d) for d in docs)
     return pack(docs, row_tokens=3 * longest, rows_per_batch=rows, pad_token_id=tokenizer.pad_token_id)

@@ -87,12 +87,12 @@ def test_chat_reasoning_openr1_style_from_save_to_disk_directory(tmp_path):
         load_split(_cfg("chat", train=[str(tmp_path / "openr1")]), "train")
 
 
-def test_prompt_only_rows_feed_rl_prompts(tmp_path):
+def test_prompt_only_rows_feed_rl_prompts(tmp_path, tiny_tokenizer):
     rows = load_split(_cfg("prompts", train=[_jsonl(tmp_path / "p.jsonl", PROMPTS)]), "train", require_assistant=False)
-    prompts = to_prompts(rows)
+    prompts = to_prompts(tiny_tokenizer, rows)
     assert [p.answer for p in prompts] == ["42", "2"]
-    assert prompts[0].text == generation_prompt([{"role": "user", "content": "What is 6 times 7?"}])
-    assert prompts[1].text == generation_prompt([{"role": "user", "content": "3-1?"}])
+    assert prompts[0].text == generation_prompt(tiny_tokenizer, [{"role": "user", "content": "What is 6 times 7?"}])
+    assert prompts[1].text == generation_prompt(tiny_tokenizer, [{"role": "user", "content": "3-1?"}])
 
 
 def test_column_mapping_renames_fields(tmp_path):

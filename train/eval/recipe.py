@@ -20,7 +20,7 @@ from data_pipelines.loading import check_files, load_split
 from data_pipelines.prompts import to_prompts
 from train.eval.metrics import length_stats, majority_correct, pass_at_k, vote_answer
 from train.models.evaluate import AnswerScorer
-from train.models.model_zoo import resolve_model_path
+from train.models.model_zoo import load_tokenizer, resolve_model_path
 from train.models.runtime import resolve_device, seed_everything
 from train.run.checkpoint import resolve_model_dir
 from train.run.config_checks import ConfigError
@@ -126,10 +126,10 @@ def run(cfg: DictConfig) -> dict:
     rows = load_split(cfg.data, "eval")
     if cfg.eval.max_problems:
         rows = rows[: cfg.eval.max_problems]
-    prompts = to_prompts(rows, cfg.data.system_prompt)
     with open_dict(cfg):
         cfg.model.path = str(resolve_model_dir(cfg.model.path))  # a run directory means its latest checkpoint
     model_path = str(resolve_model_path(cfg.model))
+    prompts = to_prompts(load_tokenizer(model_path), rows, cfg.data.system_prompt)  # the model's own chat template
     e, texts = cfg.eval, [p.text for p in prompts]
     log.info("eval: %d problems from %s, model %s, greedy + %d samples, backend %s", len(rows),
              list(cfg.data.eval_files) if cfg.data.source == "files" else "synthetic", model_path, e.samples, cfg.rollout.backend)

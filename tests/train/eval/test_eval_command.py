@@ -58,7 +58,7 @@ def test_eval_end_to_end_on_gsm8k_file(tmp_path, model_dir, one_thread):
 
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir)
-    prompts = [generation_prompt([{"role": "user", "content": r["question"]}]) for r in rows]
+    prompts = [generation_prompt(tok, [{"role": "user", "content": r["question"]}]) for r in rows]
     expected = tok.batch_decode(generate_greedy(model, tok, prompts, 12), skip_special_tokens=True)
     assert [p["greedy"]["response"] for p in problems] == expected  # the rollout loop's greedy = HF generate
 

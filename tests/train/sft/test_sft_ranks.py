@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from data_pipelines.arithmetic import ArithmeticSpec, generate
-from data_pipelines.chat_format import render_segments, tokenize_segments
+from data_pipelines.chat_format import chat_ids
 from data_pipelines.packing import Document, collate
 from tests.conftest import TEST_ARCH
 from train.models.model_zoo import resolve_model_path
@@ -48,7 +48,7 @@ def ray_session():
 def _documents(tokenizer, count: int, seed: int) -> list[Document]:
     docs = []
     for row in generate(ArithmeticSpec(verbosity=0.5), count, seed=seed):
-        ids, loss, _ = tokenize_segments(tokenizer, render_segments(row["messages"]))
+        ids, loss = chat_ids(tokenizer, row["messages"])
         docs.append(Document(ids, loss, sample_id=row["id"]))
     return docs
 
