@@ -82,7 +82,8 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
     rollout_threads = r_cfg.get("num_threads") or rollout_threads
 
     with ExitStack() as stack:
-        places = plan(cfg.cluster.placement, torch.cuda.is_available(), t_cfg.world_size, r_cfg.num_workers, momentum_workers)
+        places = plan(cfg.cluster.placement, torch.cuda.is_available(), t_cfg.world_size, r_cfg.num_workers, momentum_workers,
+                      strategy=cfg.cluster.get("bundle_strategy") or "PACK")
         stack.callback(_stop, "the placement group", places.remove)
         rewards = driver_rewards
         if rewards is None:  # rewards are computed after generation: the rollout workers' threads are free then

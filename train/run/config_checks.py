@@ -238,6 +238,19 @@ def check_rl_policy_options(cfg: DictConfig) -> None:
                  "multi-turn chats record none: set algorithm.loss.mismatch=null")
 
 
+BUNDLE_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement-group strategies
+
+
+def check_bundle_strategy(cluster) -> None:
+    """``cluster.bundle_strategy``: one of Ray's placement-group strategies, for the colocated trainer bundles
+    (train/workers/placement.py)."""
+    strategy = cluster.get("bundle_strategy") or "PACK"
+    _require(strategy in BUNDLE_STRATEGIES, f"cluster.bundle_strategy={strategy!r} must be one of {', '.join(BUNDLE_STRATEGIES)}")
+    _require(strategy == "PACK" or cluster.placement == "colocated",
+             f"cluster.bundle_strategy={strategy} places the bundles of cluster.placement=colocated; with "
+             f"cluster.placement={cluster.placement} every actor holds its own device: set cluster.bundle_strategy=PACK")
+
+
 def check_rl(cfg: DictConfig) -> None:
     """RL-specific checks (trainer world, ZeRO stage, rollout backend) on top of the common ones."""
     import importlib.util
@@ -264,6 +277,7 @@ def check_rl(cfg: DictConfig) -> None:
             "lower trainer.world_size or give cluster.ray_address of a larger Ray cluster",
         )
     _require(r.backend in ("hf", "vllm"), f"rollout.backend={r.backend!r} must be hf or vllm")
+    check_bundle_strategy(cfg.cluster)
     check_precision(t.get("precision", "auto"), on_gpu, on_gpu and torch.cuda.is_bf16_supported(), cfg.model.attn_backend)
     if r.backend == "vllm":
         check_vllm(r, cfg.cluster.placement, t.world_size, on_gpu, importlib.util.find_spec("vllm") is not None)

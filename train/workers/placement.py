@@ -11,12 +11,19 @@
 - ``disaggregated``: every trainer rank, rollout/momentum worker and the reference hold a device (GPU, or CPU) of
   their own.
 Reward workers hold CPUs only (none when colocated): their scorers run on CPU.
+
+``cluster.bundle_strategy`` (colocated): Ray's placement-group strategy for the trainer ranks' bundles. PACK (the
+default) fills one node first; STRICT_SPREAD puts every rank (and the rollout workers of its bundle) on a node of
+its own, SPREAD does so where it can, STRICT_PACK keeps them all on one node. On CPU, PACK reserves no bundles (as
+before); any other value reserves one {CPU: 1} bundle per trainer rank.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from train.run.config_checks import BUNDLE_STRATEGIES as STRATEGIES
 
 
 def device_of(options: dict) -> str:
@@ -44,7 +51,7 @@ class Placement:
 
 
 def plan(mode: str, on_gpu: bool, world_size: int, rollout_workers: int, momentum_workers: int = 0,
-         ready_timeout_s: float = 600.0) -> Placement:
+         ready_timeout_s: float = 600.0, strategy: str = "PACK") -> Placement:
     """The options of every actor of an RL run (on GPUs with ``colocated``, after the bundles are reserved)."""
     if mode == "disaggregated":
         own = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {"num_cpus": 1}
@@ -52,7 +59,9 @@ def plan(mode: str, on_gpu: bool, world_size: int, rollout_workers: int, momentu
                          [dict(own) for _ in range(momentum_workers)], dict(own), {"num_cpus": 1})
     if mode != "colocated":
         raise ValueError(f"cluster.placement={mode!r} must be colocated or disaggregated")
-    if not on_gpu:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"cluster.bundle_strategy={strategy!r} must be one of {', '.join(STRATEGIES)}")
+    if not on_gpu and strategy == "PACK":
         return Placement([{"num_cpus": 1} for _ in range(world_size)], [{"num_cpus": 0} for _ in range(rollout_workers)],
                          [{"num_cpus": 0} for _ in range(momentum_workers)], {"num_cpus": 0}, {"num_cpus": 0})
 
@@ -65,22 +74,25 @@ def plan(mode: str, on_gpu: bool, world_size: int, rollout_workers: int, momentu
     reference_bundle = 0
     per_bundle = [1 + rollout_bundles.count(b) + momentum_bundles.count(b) + (b == reference_bundle)
                   for b in range(world_size)]
-    share = math.floor(100 / max(per_bundle)) / 100  # Ray takes GPU fractions in steps of 1e-4; two decimals suffice
-    group = placement_group([{"GPU": 1, "CPU": 1} for _ in range(world_size)], strategy="PACK")
+    # Ray takes GPU fractions in steps of 1e-4; two decimals suffice
+    share = math.floor(100 / max(per_bundle)) / 100 if on_gpu else 0
+    bundle = {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": 1}
+    group = placement_group([dict(bundle) for _ in range(world_size)], strategy=strategy)
     ready, _ = ray.wait([group.ready()], timeout=ready_timeout_s)
     if not ready:
         from ray.util.placement_group import remove_placement_group
 
         remove_placement_group(group)
         raise RuntimeError(
-            f"cluster.placement=colocated: Ray could not reserve {world_size} bundles of 1 GPU + 1 CPU for the trainer "
-            f"ranks within {ready_timeout_s:.0f} s; the cluster has {ray.cluster_resources().get('GPU', 0)} GPUs. "
-            "Lower trainer.world_size or add GPU nodes"
+            f"cluster.placement=colocated: Ray could not reserve {world_size} bundles of {bundle} for the trainer "
+            f"ranks ({strategy}) within {ready_timeout_s:.0f} s; the cluster has {ray.cluster_resources().get('GPU', 0)} "
+            f"GPUs and {len([n for n in ray.nodes() if n['Alive']])} nodes. Lower trainer.world_size, add nodes or set "
+            "cluster.bundle_strategy=PACK"
         )
 
     def in_bundle(index: int, cpus: float) -> dict:
-        strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
-        return {"num_gpus": share, "num_cpus": cpus, "scheduling_strategy": strategy}
+        in_group = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
+        return {"num_gpus": share, "num_cpus": cpus, "scheduling_strategy": in_group}
 
     return Placement([in_bundle(i, 1) for i in range(world_size)], [in_bundle(b, 0) for b in rollout_bundles],
                      [in_bundle(b, 0) for b in momentum_bundles], in_bundle(reference_bundle, 0), {"num_cpus": 0},
