@@ -1,0 +1,144 @@
+"""RL weight-sync time as the model grows: trainer gather -> object store -> rollout workers' load_weights.
+
+    python bench/weight_sync.py                                    # widths 64 256 512, world sizes 1 2, 2 workers
+    python bench/weight_sync.py --widths 1024 --layers 8 --repeats 3
+    python bench/weight_sync.py --zero-stage 3                     # gather ZeRO-3 shards on rank 0
+
+One sync is what the RL loop times as perf/time_weight_sync (train/rl/loop.py): ``TrainerGroup.full_state_dict()``
+(every rank takes part; rank 0 gathers the full fp32 weights, sharded under ZeRO-3, and returns them to the driver
+through Ray) then ``RolloutPool.sync`` (``ray.put`` once, every worker ``load_weights`` from the object store).
+The tiny Qwen2 architecture of configs/model/tiny.yaml is widened: hidden size W, intermediate 4W, W/32 heads
+(2 KV heads per 4), ``--layers`` layers, the tokenizer's vocabulary (tied embeddings). Each model is built once
+under .cache/models. Per (width, world size): one warm-up sync, then ``--repeats`` timed ones; the median is
+printed. After every sync each worker's weights are checked against the trainer's (a sum of every parameter), so
+a sync that silently skipped a tensor fails the bench. CPU only, one local Ray instance; on a shared machine the
+figures move with the load: compare rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def arch_of(width: int, layers: int) -> dict:
+    """configs/model/tiny.yaml's architecture at hidden size ``width``."""
+    if width % 32:
+        raise SystemExit(f"--widths: {width} must be a multiple of 32 (32 dimensions per attention head)")
+    heads = width // 32
+    return {"model_type": "qwen2", "hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2), "max_position_embeddings": 2048,
+            "tie_word_embeddings": True, "rope_theta": 10000.0}
+
+
+def trainer_config(zero_stage: int) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["trainer=rl", f"trainer.zero_stage={zero_stage}", "trainer.precision=fp32"])
+    return OmegaConf.to_container(cfg.trainer, resolve=True)
+
+
+def checksum(weights: dict) -> float:
+    return float(sum(t.double().sum().item() for t in weights.values()))
+
+
+def worker_checksum(worker) -> float:
+    import ray
+
+    return ray.get(worker.__ray_call__.remote(lambda self: float(sum(p.double().sum().item() for p in self.model.parameters()))))
+
+
+def measure(model_path: str, world_size: int, workers: int, repeats: int, trainer_cfg: dict) -> dict:
+    """Median seconds of the gather, of put + load, and of the whole sync over ``repeats`` syncs (after one warm-up)."""
+    from train.workers.actors import RolloutPool, TrainerGroup
+
+    trainer = TrainerGroup(world_size, model_path, "sdpa", trainer_cfg, 1, rank_options=[{"num_cpus": 1}] * world_size,
+                           num_threads=1)
+    pool = RolloutPool(workers, model_path, worker_options=[{"num_cpus": 0}] * workers, num_threads=1)
+    gather, load = [], []
+    try:
+        for version in range(repeats + 1):
+            t0 = time.perf_counter()
+            weights = trainer.full_state_dict()
+            t1 = time.perf_counter()
+            pool.sync(weights, version)
+            t2 = time.perf_counter()
+            want = checksum(weights)
+            for worker in pool.workers:
+                got = worker_checksum(worker)
+                if abs(got - want) > 1e-9 * max(1.0, abs(want)):
+                    raise RuntimeError(f"worker weights differ from the trainer's after sync {version}: {got} vs {want}")
+            if version:  # the first sync warms Ray's object store and the workers up
+                gather.append(t1 - t0)
+                load.append(t2 - t1)
+        params = sum(t.numel() for t in weights.values())
+    finally:
+        pool.shutdown()
+        trainer.shutdown()
+    total = [g + w for g, w in zip(gather, load, strict=True)]
+    return {"params": params, "megabytes": 4 * params / 1e6, "gather_s": statistics.median(gather),
+            "load_s": statistics.median(load), "total_s": statistics.median(total)}
+
+
+def run(widths: list[int], world_sizes: list[int], workers: int, repeats: int, layers: int, zero_stage: int,
+        cache_dir: str, num_cpus: int | None = None) -> list[dict]:
+    import ray
+
+    from train.models.model_zoo import embedded_model_path
+    from train.workers.ray_session import init_ray
+
+    init_ray(None, num_cpus or max(2, max(world_sizes)))
+    trainer_cfg = trainer_config(zero_stage)
+    rows = []
+    try:
+        for width in widths:
+            path = str(embedded_model_path(cache_dir, arch_of(width, layers), vocab_size=384, seed=0))
+            for world_size in world_sizes:
+                rows.append({"width": width, "world_size": world_size, **measure(path, world_size, workers, repeats, trainer_cfg)})
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def table(rows: list[dict], workers: int) -> str:
+    lines = [f"| width | parameters | fp32 MB | world size | gather s | put + load ({workers} workers) s | sync s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['width']} | {r['params']:,} | {r['megabytes']:.1f} | {r['world_size']} | {r['gather_s']:.3f} | "
+              f"{r['load_s']:.3f} | {r['total_s']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 256, 512], help="hidden sizes (multiples of 32)")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2], help="trainer ranks")
+    parser.add_argument("--workers", type=int, default=2, help="rollout workers loading each sync")
+    parser.add_argument("--repeats", type=int, default=5, help="timed syncs per row (after one warm-up)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "models"))
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.workers < 1 or min(args.world_sizes) < 1:
+        parser.error("--repeats, --workers and --world-sizes must be >= 1")
+    start = time.perf_counter()
+    rows = run(args.widths, args.world_sizes, args.workers, args.repeats, args.layers, args.zero_stage, args.cache_dir)
+    print(table(rows, args.workers))
+    print(f"ZeRO-{args.zero_stage}, {args.layers} layers, median of {args.repeats}; load averages {os.getloadavg()}; "
+          f"{time.perf_counter() - start:.0f} s in all")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
