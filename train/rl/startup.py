@@ -68,6 +68,7 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
     from train.workers.placement import plan
     from train.workers.reference_worker import ReferenceWorker, reference_settings
     from train.workers.reward_workers import RewardPool
+    from train.workers.weight_broadcast import sync_method
 
     t_cfg, r_cfg = cfg.trainer, cfg.rollout
     init_ray(cfg.cluster.get("ray_address"), cfg.cluster.get("ray_num_cpus"))
@@ -99,6 +100,10 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
         rollout_pool = RolloutPool(r_cfg.num_workers, start_path, cfg.seed, places.rollout, backend=r_cfg.backend,
                                    num_threads=rollout_threads, precision=precision, vllm_settings=vllm)
         stack.callback(_stop, "the rollout workers", rollout_pool.shutdown)
+        sync = sync_method(r_cfg.get("weight_sync") or "auto", torch.cuda.is_available(), cfg.cluster.placement,
+                           r_cfg.backend)
+        if sync != "object_store":  # trainer rank 0 broadcasts the weights (the momentum model's stay in the store)
+            rollout_pool.use_broadcast(trainer, sync)
         reference = None
         if kl_beta > 0:
             # on the device its placement grants, in the trainer's precision

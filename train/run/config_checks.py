@@ -251,6 +251,23 @@ def check_bundle_strategy(cluster) -> None:
              f"cluster.placement={cluster.placement} every actor holds its own device: set cluster.bundle_strategy=PACK")
 
 
+WEIGHT_SYNC_MODES = ("auto", "object_store", "nccl", "gloo")  # rollout.weight_sync (train/workers/weight_broadcast.py)
+
+
+def check_weight_sync(rollout, placement: str, on_gpu: bool) -> None:
+    """``rollout.weight_sync``: nccl needs CUDA and a GPU per rollout worker; broadcasts reach hf workers only."""
+    mode = rollout.get("weight_sync") or "auto"
+    _require(mode in WEIGHT_SYNC_MODES, f"rollout.weight_sync={mode!r} must be one of {', '.join(WEIGHT_SYNC_MODES)}")
+    _require(mode != "nccl" or on_gpu, "rollout.weight_sync=nccl needs CUDA GPUs (none found): use rollout.weight_sync=auto "
+             "(the object store on CPU) or gloo")
+    _require(mode != "nccl" or placement == "disaggregated",
+             f"rollout.weight_sync=nccl needs a GPU per rollout worker apart from trainer rank 0's (NCCL refuses two "
+             f"members on one GPU); cluster.placement={placement}: set cluster.placement=disaggregated or rollout.weight_sync=auto")
+    _require(mode in ("auto", "object_store") or rollout.backend == "hf",
+             f"rollout.weight_sync={mode} broadcasts to rollout.backend=hf workers; with rollout.backend={rollout.backend} "
+             "use rollout.weight_sync=auto")
+
+
 def check_rl(cfg: DictConfig) -> None:
     """RL-specific checks (trainer world, ZeRO stage, rollout backend) on top of the common ones."""
     import importlib.util
@@ -278,6 +295,7 @@ def check_rl(cfg: DictConfig) -> None:
         )
     _require(r.backend in ("hf", "vllm"), f"rollout.backend={r.backend!r} must be hf or vllm")
     check_bundle_strategy(cfg.cluster)
+    check_weight_sync(r, cfg.cluster.placement, on_gpu)
     check_precision(t.get("precision", "auto"), on_gpu, on_gpu and torch.cuda.is_bf16_supported(), cfg.model.attn_backend)
     if r.backend == "vllm":
         check_vllm(r, cfg.cluster.placement, t.world_size, on_gpu, importlib.util.find_spec("vllm") is not None)

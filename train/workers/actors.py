@@ -148,23 +148,60 @@ class RolloutPool:
         self.model_path, self.seed, self.max_restarts_per_step = model_path, seed, max_restarts_per_step
         self.workers = [self._start(i) for i in range(num_workers)]
         self.weights_ref, self.version, self.restarts = None, 0, 0
+        self.broadcast = None  # (TrainerGroup, backend) when trainer rank 0 broadcasts the weights (use_broadcast)
+        self.state_dict, self.specs = None, None
 
     def _start(self, index: int):
         return self._actor.options(**self.worker_options[index]).remote(self.model_path, self.seed + index, **self._worker_kwargs)
 
     def _replace(self, index: int) -> None:
         worker = self._start(index)
+        if self.weights_ref is None and self.state_dict is not None:  # broadcast mode: this once, the object store
+            self.weights_ref = ray.put(self.state_dict)
         if self.weights_ref is not None:
             ray.get(worker.load_weights.remote(self.weights_ref, self.version))
         self.workers[index] = worker
+        self.specs = None  # the new worker is no member of the broadcast group: the next sync forms it again
         self.restarts += 1
 
-    def sync(self, state_dict: dict, version: int) -> None:
-        """Weight sync: put the weights in the object store once; every worker loads that version."""
-        self.weights_ref, self.version = ray.put(state_dict), version
-        ray.get([w.load_weights.remote(self.weights_ref, version) for w in self.workers])
+    def use_broadcast(self, trainer, backend: str) -> None:
+        """From now on ``sync`` has trainer rank 0 broadcast its weights to the workers (``backend`` nccl or gloo,
+        train/workers/weight_broadcast.py) instead of sending ``state_dict`` through the object store."""
+        self.broadcast, self.specs = (trainer, backend), None
 
-    def submit(self, prompts: list, group_size: int, seed: int, **sampling) -> "PendingGeneration":
+    def _form_group(self) -> None:
+        from train.workers.weight_broadcast import (
+            trainer_join,
+            trainer_open,
+            trainer_specs,
+        )
+
+        trainer, backend = self.broadcast
+        rank0, size = trainer.ranks[0], 1 + len(self.workers)
+        address, port = ray.get(rank0.__ray_call__.remote(trainer_open))
+        ray.get([r.__ray_call__.remote(trainer_join, backend, address, port, size) for r in trainer.ranks]
+                + [w.join_weight_group.remote(backend, address, port, j + 1, size) for j, w in enumerate(self.workers)])
+        self.specs = ray.get(rank0.__ray_call__.remote(trainer_specs))
+
+    def sync(self, state_dict: dict, version: int) -> None:
+        """Weight sync: put the weights in the object store once; every worker loads that version. With
+        ``use_broadcast``, trainer rank 0 broadcasts its current weights instead (``state_dict`` must be those, as
+        ``TrainerGroup.full_state_dict()`` returns them; it is kept only for a replacement worker)."""
+        self.version = version
+        if self.broadcast is None:
+            self.weights_ref = ray.put(state_dict)
+            ray.get([w.load_weights.remote(self.weights_ref, version) for w in self.workers])
+            return
+        from train.workers.weight_broadcast import trainer_send
+
+        if self.specs is None:
+            self._form_group()
+        self.state_dict, self.weights_ref = state_dict, None
+        trainer = self.broadcast[0]
+        ray.get([r.__ray_call__.remote(trainer_send) for r in trainer.ranks]
+                + [w.receive_weights.remote(self.specs, version) for w in self.workers])
+
+    def submit(self, prompts: list, group_size: int, seed: int, **sampling) -> PendingGeneration:
         """Start generating ``group_size`` responses to each of ``prompts``; collect with ``.result()``."""
         return PendingGeneration(self, prompts, group_size, seed, sampling)
 

@@ -45,6 +45,19 @@ class RolloutWorker:
         self.version = 0
         self.seed = seed
 
+    def join_weight_group(self, backend: str, address: str, port: int, rank: int, size: int) -> None:
+        """Become member ``rank`` of the weight-broadcast group at trainer rank 0's store (rollout.weight_sync=nccl
+        or gloo; train/workers/weight_broadcast.py); blocks until every member joins."""
+        import ray
+
+        from train.workers.weight_broadcast import BroadcastGroup
+
+        self.weight_group = BroadcastGroup(backend, address, port, rank, size, node=ray.util.get_node_ip_address())
+
+    def receive_weights(self, specs: list, version: int) -> int:
+        """Receive the tensors ``specs`` announce from trainer rank 0's broadcast, then ``load_weights`` them."""
+        return self.load_weights(self.weight_group.receive_all(specs), version)
+
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Install trainer weights (names as in ``model.named_parameters()``); returns the new version."""
         missing = [name for name, _ in self.model.named_parameters() if name not in state_dict]
