@@ -3,11 +3,14 @@
     python bench/weight_sync.py                                    # widths 64 256 512, world sizes 1 2, 2 workers
     python bench/weight_sync.py --widths 1024 --layers 8 --repeats 3
     python bench/weight_sync.py --zero-stage 3                     # gather ZeRO-3 shards on rank 0
+    python bench/weight_sync.py --methods object_store             # the CPU default only
 
 One sync is what the RL loop times as perf/time_weight_sync (train/rl/loop.py): ``TrainerGroup.full_state_dict()``
 (every rank takes part; rank 0 gathers the full fp32 weights, sharded under ZeRO-3, and returns them to the driver
 through Ray) then ``RolloutPool.sync`` (``ray.put`` once, every worker ``load_weights`` from the object store).
-The tiny Qwen2 architecture of configs/model/tiny.yaml is widened: hidden size W, intermediate 4W, W/32 heads
+``--methods gloo`` times ``rollout.weight_sync=gloo`` beside it: trainer rank 0 broadcasts each parameter to the
+workers over a group of their own (train/workers/weight_broadcast.py, the protocol of the GPU path ``nccl``), so
+"gather" is the driver's copy alone and "put + load" is the broadcast + load. The tiny Qwen2 architecture of configs/model/tiny.yaml is widened: hidden size W, intermediate 4W, W/32 heads
 (2 KV heads per 4), ``--layers`` layers, the tokenizer's vocabulary (tied embeddings). Each model is built once
 under .cache/models. Per (width, world size): one warm-up sync, then ``--repeats`` timed ones; the median is
 printed. After every sync each worker's weights are checked against the trainer's (a sum of every parameter), so
@@ -60,13 +63,15 @@ def worker_checksum(worker) -> float:
     return ray.get(worker.__ray_call__.remote(lambda self: float(sum(p.double().sum().item() for p in self.model.parameters()))))
 
 
-def measure(model_path: str, world_size: int, workers: int, repeats: int, trainer_cfg: dict) -> dict:
+def measure(model_path: str, world_size: int, workers: int, repeats: int, trainer_cfg: dict, method: str = "object_store") -> dict:
     """Median seconds of the gather, of put + load, and of the whole sync over ``repeats`` syncs (after one warm-up)."""
     from train.workers.actors import RolloutPool, TrainerGroup
 
     trainer = TrainerGroup(world_size, model_path, "sdpa", trainer_cfg, 1, rank_options=[{"num_cpus": 1}] * world_size,
                            num_threads=1)
     pool = RolloutPool(workers, model_path, worker_options=[{"num_cpus": 0}] * workers, num_threads=1)
+    if method != "object_store":
+        pool.use_broadcast(trainer, method)
     gather, load = [], []
     try:
         for version in range(repeats + 1):
@@ -93,7 +98,7 @@ def measure(model_path: str, world_size: int, workers: int, repeats: int, traine
 
 
 def run(widths: list[int], world_sizes: list[int], workers: int, repeats: int, layers: int, zero_stage: int,
-        cache_dir: str, num_cpus: int | None = None) -> list[dict]:
+        cache_dir: str, num_cpus: int | None = None, methods: tuple = ("object_store",)) -> list[dict]:
     import ray
 
     from train.models.model_zoo import embedded_model_path
@@ -106,16 +111,18 @@ def run(widths: list[int], world_sizes: list[int], workers: int, repeats: int, l
         for width in widths:
             path = str(embedded_model_path(cache_dir, arch_of(width, layers), vocab_size=384, seed=0))
             for world_size in world_sizes:
-                rows.append({"width": width, "world_size": world_size, **measure(path, world_size, workers, repeats, trainer_cfg)})
+                for method in methods:
+                    rows.append({"width": width, "world_size": world_size, "method": method,
+                                 **measure(path, world_size, workers, repeats, trainer_cfg, method)})
     finally:
         ray.shutdown()
     return rows
 
 
 def table(rows: list[dict], workers: int) -> str:
-    lines = [f"| width | parameters | fp32 MB | world size | gather s | put + load ({workers} workers) s | sync s |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['width']} | {r['params']:,} | {r['megabytes']:.1f} | {r['world_size']} | {r['gather_s']:.3f} | "
+    lines = [f"| width | parameters | fp32 MB | world size | method | gather s | put or broadcast + load ({workers} workers) s | sync s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['width']} | {r['params']:,} | {r['megabytes']:.1f} | {r['world_size']} | {r['method']} | {r['gather_s']:.3f} | "
               f"{r['load_s']:.3f} | {r['total_s']:.3f} |" for r in rows]
     return "\n".join(lines)
 
@@ -128,12 +135,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5, help="timed syncs per row (after one warm-up)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    parser.add_argument("--methods", nargs="+", default=["object_store", "gloo"], choices=["object_store", "gloo"],
+                        help="rollout.weight_sync paths to time")
     parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "models"))
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.workers < 1 or min(args.world_sizes) < 1:
         parser.error("--repeats, --workers and --world-sizes must be >= 1")
     start = time.perf_counter()
-    rows = run(args.widths, args.world_sizes, args.workers, args.repeats, args.layers, args.zero_stage, args.cache_dir)
+    rows = run(args.widths, args.world_sizes, args.workers, args.repeats, args.layers, args.zero_stage, args.cache_dir,
+               methods=tuple(args.methods))
     print(table(rows, args.workers))
     print(f"ZeRO-{args.zero_stage}, {args.layers} layers, median of {args.repeats}; load averages {os.getloadavg()}; "
           f"{time.perf_counter() - start:.0f} s in all")

@@ -1,6 +1,7 @@
 """An RL run with its 2 trainer ranks and 2 rollout workers spread over the two nodes of a loopback Ray cluster
-(tests/loopback_cluster.py; ``cluster.bundle_strategy=STRICT_SPREAD``): it completes, every actor really ran on the
-node its bundle names, and its metrics equal those of the same run packed onto one node (``STRICT_PACK``)."""
+(tests/loopback_cluster.py; ``cluster.bundle_strategy=STRICT_SPREAD``), weights synced by trainer rank 0's gloo
+broadcast across the nodes: it completes, every actor really ran on the node its bundle names, and its metrics
+equal those of the same run packed onto one node (``STRICT_PACK``) with the object-store sync."""
 
 from contextlib import contextmanager
 
@@ -35,6 +36,7 @@ def recording_nodes(monkeypatch) -> dict:
             seen["trainer"] = [c["node"] for c in actors.trainer.connections]  # each rank's own report
             seen["trainer_ray"] = [_node_of(r) for r in actors.trainer.ranks]
             seen["rollout"] = [_node_of(w) for w in actors.rollout_pool.workers]
+            seen["broadcast"] = actors.rollout_pool.broadcast is not None
             yield actors
 
     monkeypatch.setattr(startup, "start_actors", wrapped)
@@ -54,10 +56,14 @@ def test_rl_step_with_ranks_and_workers_on_two_nodes_matches_one_node(two_node_r
     seen = recording_nodes(monkeypatch)
     one = run(compose(overrides + ["cluster.bundle_strategy=STRICT_PACK", f"run_dir={tmp_path}/one"]))
     one_nodes = dict(seen)
-    two = run(compose(overrides + ["cluster.bundle_strategy=STRICT_SPREAD", f"run_dir={tmp_path}/two"]))
+    # spread, and the weights go from trainer rank 0 to the workers on both nodes by the broadcast of
+    # rollout.weight_sync (gloo here, the protocol of nccl on GPUs) instead of the object store
+    two = run(compose(overrides + ["cluster.bundle_strategy=STRICT_SPREAD", "rollout.weight_sync=gloo",
+                                   f"run_dir={tmp_path}/two"]))
     two_nodes = dict(seen)
 
     assert len(set(one_nodes["trainer"] + one_nodes["rollout"])) == 1  # all on one node
+    assert not one_nodes["broadcast"] and two_nodes["broadcast"]
     assert two_nodes["trainer"] == two_nodes["trainer_ray"]
     assert sorted(two_nodes["trainer"]) == sorted(NODES.values())  # rank 1 on the other node than rank 0
     assert two_nodes["rollout"] == two_nodes["trainer"]  # rollout worker j in rank j's bundle: one per node
