@@ -63,38 +63,49 @@ def worker_checksum(worker) -> float:
     return ray.get(worker.__ray_call__.remote(lambda self: float(sum(p.double().sum().item() for p in self.model.parameters()))))
 
 
-def measure(model_path: str, world_size: int, workers: int, repeats: int, trainer_cfg: dict, method: str = "object_store") -> dict:
-    """Median seconds of the gather, of put + load, and of the whole sync over ``repeats`` syncs (after one warm-up)."""
+def _timed_syncs(trainer, pool, repeats: int, first_version: int) -> tuple[list[float], list[float], int]:
+    gather, load = [], []
+    for i in range(repeats + 1):
+        version = first_version + i
+        t0 = time.perf_counter()
+        weights = trainer.full_state_dict()
+        t1 = time.perf_counter()
+        pool.sync(weights, version)
+        t2 = time.perf_counter()
+        want = checksum(weights)
+        for worker in pool.workers:
+            got = worker_checksum(worker)
+            if abs(got - want) > 1e-9 * max(1.0, abs(want)):
+                raise RuntimeError(f"worker weights differ from the trainer's after sync {version}: {got} vs {want}")
+        if i:  # the first sync of a method warms Ray's object store (or forms the broadcast group) and the workers up
+            gather.append(t1 - t0)
+            load.append(t2 - t1)
+    return gather, load, sum(t.numel() for t in weights.values())
+
+
+def measure(model_path: str, world_size: int, workers: int, repeats: int, trainer_cfg: dict,
+            methods: tuple = ("object_store",)) -> list[dict]:
+    """Per method (object_store first: the broadcast, once on, stays on), the median seconds of the gather, of
+    put (or broadcast) + load, and of the whole sync over ``repeats`` syncs after one warm-up; one trainer group and
+    rollout pool serve every method."""
     from train.workers.actors import RolloutPool, TrainerGroup
 
     trainer = TrainerGroup(world_size, model_path, "sdpa", trainer_cfg, 1, rank_options=[{"num_cpus": 1}] * world_size,
                            num_threads=1)
     pool = RolloutPool(workers, model_path, worker_options=[{"num_cpus": 0}] * workers, num_threads=1)
-    if method != "object_store":
-        pool.use_broadcast(trainer, method)
-    gather, load = [], []
+    rows = []
     try:
-        for version in range(repeats + 1):
-            t0 = time.perf_counter()
-            weights = trainer.full_state_dict()
-            t1 = time.perf_counter()
-            pool.sync(weights, version)
-            t2 = time.perf_counter()
-            want = checksum(weights)
-            for worker in pool.workers:
-                got = worker_checksum(worker)
-                if abs(got - want) > 1e-9 * max(1.0, abs(want)):
-                    raise RuntimeError(f"worker weights differ from the trainer's after sync {version}: {got} vs {want}")
-            if version:  # the first sync warms Ray's object store and the workers up
-                gather.append(t1 - t0)
-                load.append(t2 - t1)
-        params = sum(t.numel() for t in weights.values())
+        for n, method in enumerate(sorted(methods, key=lambda m: m != "object_store")):
+            if method != "object_store":
+                pool.use_broadcast(trainer, method)
+            gather, load, params = _timed_syncs(trainer, pool, repeats, n * (repeats + 1))
+            total = [g + w for g, w in zip(gather, load, strict=True)]
+            rows.append({"method": method, "params": params, "megabytes": 4 * params / 1e6, "gather_s": statistics.median(gather),
+                         "load_s": statistics.median(load), "total_s": statistics.median(total)})
     finally:
         pool.shutdown()
         trainer.shutdown()
-    total = [g + w for g, w in zip(gather, load, strict=True)]
-    return {"params": params, "megabytes": 4 * params / 1e6, "gather_s": statistics.median(gather),
-            "load_s": statistics.median(load), "total_s": statistics.median(total)}
+    return rows
 
 
 def run(widths: list[int], world_sizes: list[int], workers: int, repeats: int, layers: int, zero_stage: int,
@@ -111,9 +122,8 @@ def run(widths: list[int], world_sizes: list[int], workers: int, repeats: int, l
         for width in widths:
             path = str(embedded_model_path(cache_dir, arch_of(width, layers), vocab_size=384, seed=0))
             for world_size in world_sizes:
-                for method in methods:
-                    rows.append({"width": width, "world_size": world_size, "method": method,
-                                 **measure(path, world_size, workers, repeats, trainer_cfg, method)})
+                rows += [{"width": width, "world_size": world_size, **row}
+                         for row in measure(path, world_size, workers, repeats, trainer_cfg, methods)]
     finally:
         ray.shutdown()
     return rows
