@@ -30,6 +30,7 @@ import socket
 
 import torch
 
+from data_pipelines.chat_format import end_of_turn_token
 from train.models.runtime import component_dtype
 from train.run.vllm_settings import DTYPES, vllm_settings
 from train.workers.rollout_worker import Rollout
@@ -97,6 +98,9 @@ class VLLMRolloutWorker:
         os.environ.update(external_launcher_env(kwargs["tensor_parallel_size"]))
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        # stop where the HF worker stops: the chat template's end-of-turn token (Gemma: <end_of_turn>, not <eos>)
+        end_of_turn = self.tokenizer.convert_tokens_to_ids(end_of_turn_token(self.tokenizer))
+        self.stop_token_ids = list(dict.fromkeys([end_of_turn, self.tokenizer.eos_token_id]))
         self.dtype = engine_dtype(settings, precision)
         self.device = torch.device("cuda")  # where the weights go before load_weights (Ray's GPU is this process's cuda)
         self.sleep_mode = kwargs["enable_sleep_mode"]
@@ -140,7 +144,7 @@ class VLLMRolloutWorker:
         ids = [p if not isinstance(p, str) else tok.encode(p, add_special_tokens=False) for p in prompts]
         # vLLM seeds sample i of a request with its seed + i: prompt p's seed + p * group_size keeps every sample's apart
         params = [SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 seed=None if seed is None else seed + p * group_size, stop_token_ids=[tok.eos_token_id],
+                                 seed=None if seed is None else seed + p * group_size, stop_token_ids=self.stop_token_ids,
                                  logprobs=0)
                   for p in range(len(ids))]
         self._wake("weights", "kv_cache")

@@ -322,3 +322,17 @@ def test_rollout_pool_starts_vllm_workers_with_the_settings(monkeypatch):
                        precision="bf16", vllm_settings=settings)
     assert started == [(VLLMRolloutWorker, {"num_gpus": 0.5, "num_cpus": 0}, ("/start", 5 + i),
                         {"settings": settings, "precision": "bf16"}) for i in range(2)]
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn(fake_vllm, compose):
+    """Gemma's shipped eos is <eos> but its turns end with <end_of_turn>: vLLM stops at both, as the HF worker stops
+    at the template's end of turn (train/models/model_zoo.py load_tokenizer)."""
+    from tests.data_pipelines.test_chat_templates import family_tokenizer
+
+    gemma = family_tokenizer("gemma-3")
+    FakeLLM.tokenizer = gemma
+    worker, llm = _worker(compose)
+    worker.generate(["2+3?"], group_size=1, max_new_tokens=4)
+    stops = llm.last_params[0].kwargs["stop_token_ids"]
+    assert stops == [gemma.convert_tokens_to_ids("<end_of_turn>"), gemma.eos_token_id]
+    assert gemma.eos_token == "<eos>" and stops[0] != stops[1]
