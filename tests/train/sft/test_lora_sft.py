@@ -2,6 +2,7 @@
 (loads with AutoModelForCausalLM) plus the adapter (loads with peft onto the base and merges to the same weights),
 a resume continues with the same losses, and bad ``model.lora.*`` values fail in one line naming the key."""
 
+import os
 import shutil
 
 import pytest
@@ -28,6 +29,16 @@ FAST = [
     "model.lora.rank=8",
     "model.lora.alpha=16",
 ]
+
+
+@pytest.fixture
+def ray_cleanup():
+    """RL runs leave the local Ray up (as tests/train/rl/test_rl.py); stop it after the test."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    yield
+    import ray
+
+    ray.shutdown()
 
 
 def test_lora_sft_checkpoint_loads_merged_and_as_adapter(compose, tmp_path):
@@ -76,8 +87,8 @@ def test_lora_sft_resumes_with_the_same_losses(compose, tmp_path):
         ("model.lora.alpha=0", r"model\.lora\.alpha=0 must be > 0"),
         ("model.lora.dropout=1.0", r"model\.lora\.dropout=1\.0 must be in \[0, 1\)"),
         ("model.lora.target_modules=[]", r"model\.lora\.target_modules=\[\] must be a non-empty list"),
-        ("model.lora.target_modules=[q_proj,qkv]", r"model\.lora\.target_modules: \['qkv'\] match no linear layer of "
-                                                   r"Qwen2ForCausalLM; its linear module names are \[.*'q_proj'"),
+        ("model.lora.target_modules=[q_proj,qkv]", (r"model\.lora\.target_modules: \['qkv'\] match no linear layer of "
+                                                    r"Qwen2ForCausalLM; its linear module names are \[.*'q_proj'")),
     ],
 )
 def test_bad_lora_config_fails_naming_the_key(compose, tmp_path, override, message):
@@ -86,15 +97,42 @@ def test_bad_lora_config_fails_naming_the_key(compose, tmp_path, override, messa
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.slow
-def test_one_lora_rl_step(compose, tmp_path):
+def test_one_lora_rl_step(compose, tmp_path, ray_cleanup):
     """GRPO with LoRA: one step trains the adapters, syncs merged weights to the rollout workers and checkpoints both."""
     from transformers import AutoModelForCausalLM
 
-    from tests.train.rl.test_rl import FAST_RL
+    from tests.train.rl.test_rl import FAST_RL, VARIED_REWARD
+    from train.models.model_zoo import load_model, resolve_model_path
 
-    out = run(compose(FAST_RL + ["trainer.max_steps=1", "model.lora.rank=8", f"run_dir={tmp_path}/rl"]))
+    # the random model never answers correctly: a length reward that varies within a group gives a gradient
+    cfg = compose(FAST_RL + VARIED_REWARD + ["trainer.max_steps=1", "rollout.max_new_tokens=24", "model.lora.rank=8",
+                                             f"run_dir={tmp_path}/rl"])
+    out = run(cfg)
     assert out["step"] == 1
     ckpt = tmp_path / "rl" / "checkpoints" / "step_1"
     assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
-    AutoModelForCausalLM.from_pretrained(ckpt)
+    assert out["history"][0]["train/grad_norm"] > 0  # the adapters got a gradient
+    merged = dict(AutoModelForCausalLM.from_pretrained(ckpt).named_parameters())
+    base = dict(load_model(resolve_model_path(cfg.model)).named_parameters())
+    changed = {n for n in base if not torch.equal(merged[n], base[n])}
+    assert changed and all(n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in changed)
+
+
+@pytest.mark.slow
+def test_lora_rl_resume_replays_the_next_step(compose, tmp_path, ray_cleanup):
+    """A LoRA RL run cut after step 1 and resumed gives step 2 of the uninterrupted run: the trainer restarts from the
+    base model and restores the adapters and optimizer; the rollout workers get the merged weights of step 1."""
+    from tests.train.rl.test_rl import FAST_RL, VARIED_REWARD
+
+    base = FAST_RL + VARIED_REWARD + ["trainer.max_steps=2", "rollout.max_new_tokens=24", "model.lora.rank=8"]
+    full = run(compose(base + [f"run_dir={tmp_path}/full"]))
+    run(compose(base + [f"run_dir={tmp_path}/cut"]))
+    ckpts = tmp_path / "cut" / "checkpoints"
+    shutil.rmtree(ckpts / "step_2")
+    (ckpts / "latest").write_text("step_1")
+    resumed = run(compose(base + [f"run_dir={tmp_path}/cut", "trainer.resume=auto"]))
+    assert resumed["step"] == 2 and len(resumed["history"]) == 1
+    expected, got = full["history"][1], resumed["history"][0]
+    assert expected["train/grad_norm"] > 0  # step 2 moved the adapters
+    for key in ("reward/total", "train/loss", "train/grad_norm", "rollout/response_length_mean"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key

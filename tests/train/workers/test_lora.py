@@ -113,18 +113,23 @@ def test_lora_step_trains_only_adapters_and_syncs_merged_weights(ray_session, pa
     assert (want - load_model(path)(input_ids=ids).logits).abs().max() > 1e-3  # and differ from the base model's
 
 
-def test_lora_under_zero3_matches_one_process(ray_session, path, tiny_tokenizer):
-    """peft adapters on 2 ZeRO-3 ranks (partitioned frozen base, gathered for the merge) take the step of one rank."""
+def test_lora_under_zero3_matches_one_process_and_resumes(ray_session, path, tiny_tokenizer, tmp_path):
+    """peft adapters on 2 ZeRO-3 ranks (partitioned frozen base, gathered for the merge) take the step of one rank;
+    the saved state (DeepSpeed + peft adapter) restores the same weights in a fresh group started from the base."""
+    from peft import PeftModel
+
     from train.workers.actors import TrainerGroup
 
     batches = _batches(tiny_tokenizer, count=2)
     merged = {}
     for world, stage in [(1, 0), (2, 3)]:
-        group = TrainerGroup(world, path, "sdpa", {**TRAINER, "zero_stage": stage, "lora": LORA},
-                             micro_batches_per_rank=2 // world)
+        settings = {**TRAINER, "zero_stage": stage, "lora": LORA}
+        group = TrainerGroup(world, path, "sdpa", settings, micro_batches_per_rank=2 // world)
         try:
             _train(group, batches, steps=2)
             merged[stage] = group.full_state_dict()
+            if stage == 3:
+                group.save_state(str(tmp_path))
         finally:
             group.shutdown()
     base = dict(load_model(path).named_parameters())
@@ -133,3 +138,16 @@ def test_lora_under_zero3_matches_one_process(ray_session, path, tiny_tokenizer)
     for name in base:
         # Adam steps bounded by lr: reduction-order noise gives at most a small fraction of lr per element
         torch.testing.assert_close(merged[3][name], merged[0][name], rtol=0, atol=1e-4, msg=name)
+
+    group = TrainerGroup(2, path, "sdpa", settings, micro_batches_per_rank=1)
+    try:
+        group.load_state(str(tmp_path), step=2)
+        restored = group.full_state_dict()
+    finally:
+        group.shutdown()
+    for name in base:
+        assert torch.equal(restored[name], merged[3][name]), name
+    # the adapter written at ZeRO-3 (gathered on rank 0) merges, through peft, to the same weights
+    adapter = PeftModel.from_pretrained(load_model(path), tmp_path / "adapter").merge_and_unload()
+    for name, param in adapter.named_parameters():
+        torch.testing.assert_close(param.detach(), merged[3][name], rtol=0, atol=1e-6, msg=name)
