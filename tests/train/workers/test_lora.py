@@ -113,6 +113,7 @@ def test_lora_step_trains_only_adapters_and_syncs_merged_weights(ray_session, pa
     assert (want - load_model(path)(input_ids=ids).logits).abs().max() > 1e-3  # and differ from the base model's
 
 
+@pytest.mark.slow  # three trainer groups: ~60 s on the shared 2 cores
 def test_lora_under_zero3_matches_one_process_and_resumes(ray_session, path, tiny_tokenizer, tmp_path):
     """peft adapters on 2 ZeRO-3 ranks (partitioned frozen base, gathered for the merge) take the step of one rank;
     the saved state (DeepSpeed + peft adapter) restores the same weights in a fresh group started from the base."""
