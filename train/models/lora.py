@@ -82,9 +82,11 @@ def merged_state_dict(peft_model, gather: Callable[[list], object] = lambda para
             adapter_params = [p for n, p in layer.named_parameters() if is_adapter_parameter(n)]
             with gather([param, *adapter_params]):
                 value = param.detach()
-                if leaf == "weight":
+                if leaf == "weight":  # summed in fp32, returned in the weight's dtype (bf16 on GPU)
+                    total = value.float()
                     for adapter in layer.active_adapters:
-                        value = value + layer.get_delta_weight(adapter).to(value.dtype)
+                        total = total + layer.get_delta_weight(adapter).float()
+                    value = total.to(param.dtype)
                 if keep:
                     state[f"{owner}.{leaf}"] = value.cpu().clone()
     return state if keep else None
