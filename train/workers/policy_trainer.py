@@ -8,6 +8,9 @@ mean over ranks and over gradient-accumulation steps, the gradient is exactly th
 losses of the global batch, whatever the number of ranks or micro-batches (each loss is already divided by the
 global normaliser the aggregation chooses: the loss-token count for token-mean, a constant for Dr.GRPO, ...).
 The lr follows train/run/lr_schedule.py, one step per RL step; its state is saved with the optimizer's.
+With ``model.lora`` (passed as ``trainer_cfg["lora"]``) the model is wrapped in peft adapters before DeepSpeed:
+only they train, ``full_state_dict`` hands out the merged weights, ``save_state`` also writes the adapter
+(train/models/lora.py).
 
 Rendezvous (as OpenRLHF and verl): rank 0 opens the torch.distributed store on a free port of its own node and
 publishes its Ray node address and that port; the other ranks connect there. Nothing is chosen on the driver, so
