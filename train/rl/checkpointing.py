@@ -1,7 +1,8 @@
 """RL checkpoints: the policy in Hugging Face format (train/run/checkpoint.py writes it atomically) plus what a
 resume needs: the trainer ranks' DeepSpeed state and lr schedule, the sampling rounds (sampler position, the
 prefetched round's rollouts: ``PENDING_FILE``), the reward functions' state (Bingo's schedule), AAPO's momentum
-weights, the RNG and the step."""
+weights, the RNG and the step. Under ``model.lora`` the HF model is the merged one and the trainer also writes the
+adapter in peft's format under ``adapter/``."""
 
 from __future__ import annotations
 

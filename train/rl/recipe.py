@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from train.models.model_zoo import load_model
 from train.models.runtime import seed_everything
 from train.run import checkpoint
-from train.run.config_checks import check_rl
+from train.run.config_checks import check_lora_targets, check_rl
 from train.run.run_logger import RunLogger
 
 
@@ -43,12 +43,13 @@ def run(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> 
         torch.set_num_threads(cfg.cluster.num_threads)
     seed_everything(cfg.seed)
     setup = RLSetup.from_config(cfg)
+    hf_model = load_model(setup.model_path)  # the driver's copy, only for HF-format checkpoints and evaluation
+    check_lora_targets(hf_model, cfg.model.get("lora"))  # before any actor starts
     with ExitStack() as stack:
         actors = stack.enter_context(start_actors(cfg, setup.start_path, setup.model_path, setup.driver_rewards,
                                                   setup.algorithm.kl_beta))
         logger = RunLogger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
         stack.callback(logger.finish)
-        hf_model = load_model(setup.model_path)  # the driver's copy, only for HF-format checkpoints and evaluation
         loop = RLLoop(cfg, setup, actors, logger, hf_model, on_step)
         try:
             summary = loop.run(setup.resume_from)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
+from train.models.lora import lora_enabled
 from train.workers.ray_session import init_ray
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,11 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
                                  places.reward, num_threads=rollout_threads)
             stack.callback(_stop, "the reward workers", rewards.shutdown)
         stack.callback(_stop, "the reward functions", rewards.close)
-        trainer = TrainerGroup(t_cfg.world_size, start_path, cfg.model.attn_backend, OmegaConf.to_container(t_cfg),
+        # under LoRA the trainer starts from the base model (a checkpoint's HF model is the merged one) and a resume
+        # restores its adapters from the DeepSpeed state; model.lora travels with the trainer settings
+        lora = OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.get("lora") else None
+        trainer_path = model_path if lora_enabled(lora) else start_path
+        trainer = TrainerGroup(t_cfg.world_size, trainer_path, cfg.model.attn_backend, {**OmegaConf.to_container(t_cfg), "lora": lora},
                                t_cfg.micro_batches_per_rank, cfg.seed, places.trainer, num_threads=trainer_threads)
         stack.callback(_stop, "the trainer group", trainer.shutdown)
         precision = t_cfg.get("precision", "auto")

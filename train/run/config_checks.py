@@ -11,6 +11,7 @@ from data_pipelines.loading import check_files
 from data_pipelines.multiturn import check_mode
 from train.models.architectures import packed_attention_problem
 from train.models.attention import BACKENDS, check_backend
+from train.models.lora import linear_module_names, lora_enabled, missing_target_modules
 from train.models.runtime import PRECISIONS, resolve_device, resolve_precision
 from train.run.vllm_settings import DTYPES, vllm_settings
 
@@ -166,6 +167,30 @@ def check_zero(t: DictConfig) -> None:
              "state to offload): set trainer.zero_stage=1 or trainer.offload_optimizer=false")
 
 
+def check_lora(lora) -> None:
+    """``model.lora.*`` (train/models/lora.py): rank >= 1, alpha > 0, 0 <= dropout < 1, target modules given."""
+    if not lora_enabled(lora):
+        return
+    rank, alpha, dropout, targets = lora.get("rank"), lora.get("alpha"), lora.get("dropout", 0.0), lora.get("target_modules")
+    _require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1,
+             f"model.lora.rank={rank} must be an integer >= 1 (or null to train the full model)")
+    _require(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0,
+             f"model.lora.alpha={alpha} must be > 0 (the update is scaled by alpha / rank; 2 * rank is common)")
+    _require(isinstance(dropout, (int, float)) and 0 <= dropout < 1, f"model.lora.dropout={dropout} must be in [0, 1)")
+    _require(targets is not None and not isinstance(targets, str) and len(targets) > 0
+             and all(isinstance(t, str) and t for t in targets),
+             f"model.lora.target_modules={targets} must be a non-empty list of module names, e.g. [q_proj,k_proj,v_proj,o_proj]")
+
+
+def check_lora_targets(model, lora) -> None:
+    """Every ``model.lora.target_modules`` name must match a linear layer of the loaded model."""
+    if not lora_enabled(lora):
+        return
+    missing = missing_target_modules(model, lora.target_modules)
+    _require(not missing, f"model.lora.target_modules: {missing} match no linear layer of {type(model).__name__}; "
+             f"its linear module names are {linear_module_names(model)}")
+
+
 def check_trainer_world(t: DictConfig, cluster: DictConfig) -> None:
     """``trainer.world_size`` ranks must fit this machine (one GPU, or one CPU, each) unless Ray is remote."""
     import os
@@ -193,6 +218,7 @@ def check_sft(cfg: DictConfig) -> None:
         _require(cfg.trainer.get(key) is not None, f"trainer.{key} is not set: SFT runs need trainer=default (or set trainer.{key})")
     check_zero(cfg.trainer)
     check_trainer_world(cfg.trainer, cfg.cluster)
+    check_lora(cfg.model.get("lora"))
 
 
 def check_rl_group_size(a) -> None:
@@ -284,6 +310,7 @@ def check_rl(cfg: DictConfig) -> None:
     _require(t.max_steps is not None and t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
     check_zero(t)
     _require(t.world_size >= 1, f"trainer.world_size={t.world_size} must be >= 1")
+    check_lora(cfg.model.get("lora"))
     _require(t.ppo_epochs >= 1, f"trainer.ppo_epochs={t.ppo_epochs} must be >= 1")
     on_gpu = torch.cuda.is_available()
     available = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)

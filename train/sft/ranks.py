@@ -48,7 +48,9 @@ class SFTRanks:
             self.placement = plan(cfg.cluster.placement, torch.cuda.is_available(), self.world_size, 0)
             rank_options = self.placement.trainer
         # the lr schedule comes per phase (start_phase); the group's own one-step default is replaced at once
-        trainer_cfg = {**OmegaConf.to_container(t, resolve=True), "max_steps": 1}
+        # model.lora travels with the trainer settings (train/workers/policy_trainer.py wraps the model)
+        trainer_cfg = {**OmegaConf.to_container(t, resolve=True), "max_steps": 1,
+                       "lora": OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.get("lora") else None}
         try:
             self.group = TrainerGroup(self.world_size, str(model_path), cfg.model.attn_backend, trainer_cfg,
                                       self.grad_accum, cfg.seed, rank_options, num_threads=rank_threads(cfg))

@@ -18,10 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from train.models.evaluate import evaluate
+from train.models.lora import lora_enabled
 from train.models.model_zoo import load_model, load_tokenizer, resolve_model_path
 from train.models.runtime import resolve_device, resolve_precision, seed_everything
 from train.run import checkpoint
-from train.run.config_checks import check_sft
+from train.run.config_checks import check_lora_targets, check_sft
 from train.run.run_logger import RunLogger
 from train.sft import curriculum
 from train.sft.curriculum import Phase
@@ -132,7 +133,11 @@ def run(cfg: DictConfig, rank_options: list[dict] | None = None, loss_class=Toke
     model = load_model(resume_from or model_path, cfg.model.attn_backend, torch.float32, device)
     curriculum.check_freezing(model, phases)  # a pattern that matches no parameter fails before the ranks start
 
-    with start_ranks(cfg, resume_from or model_path, rank_options, loss_class) as ranks:
+    check_lora_targets(model, cfg.model.get("lora"))
+    # under LoRA the ranks start from the base model and a resume restores the adapters from the DeepSpeed state
+    # (the checkpoint's HF model is the merged one)
+    rank_path = model_path if lora_enabled(cfg.model.get("lora")) else resume_from or model_path
+    with start_ranks(cfg, rank_path, rank_options, loss_class) as ranks:
         sft = SFTRun(cfg, phases, eval_sets, tokenizer, model, ranks)
         if resume_from is not None:
             sft.resume(resume_from)

@@ -8,6 +8,9 @@ mean over ranks and over gradient-accumulation steps, the gradient is exactly th
 losses of the global batch, whatever the number of ranks or micro-batches (each loss is already divided by the
 global normaliser the aggregation chooses: the loss-token count for token-mean, a constant for Dr.GRPO, ...).
 The lr follows train/run/lr_schedule.py, one step per RL step; its state is saved with the optimizer's.
+With ``model.lora`` (passed as ``trainer_cfg["lora"]``) the model is wrapped in peft adapters before DeepSpeed:
+only they train, ``full_state_dict`` hands out the merged weights, ``save_state`` also writes the adapter
+(train/models/lora.py).
 
 Rendezvous (as OpenRLHF and verl): rank 0 opens the torch.distributed store on a free port of its own node and
 publishes its Ray node address and that port; the other ranks connect there. Nothing is chosen on the driver, so
@@ -24,6 +27,7 @@ from typing import Callable
 import torch
 
 from data_pipelines.packing import PackedBatch
+from train.models import lora as lora_adapters
 from train.models.forward import token_logprobs
 from train.models.model_zoo import load_model
 from train.models.runtime import component_dtype
@@ -119,6 +123,7 @@ class PolicyTrainer:
         self.seed, self.num_threads = seed, num_threads
         self.store = None  # the torch.distributed TCPStore: rank 0's server, or a client of it
         self.engine = None
+        self.lora, self.adapter_names = None, None  # model.lora (trainer_cfg["lora"]) once join() wraps the model
 
     def open_rendezvous(self) -> tuple[str, int]:
         """Rank 0: start the world's store on a port of this node that the OS picks, and return (this node's Ray
@@ -167,8 +172,13 @@ class PolicyTrainer:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the world formed above
         self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpu else torch.device("cpu")
         model = load_model(self.model_path, self.attn_backend, torch.float32, self.device)
-        model.train()
         trainer_cfg = self.trainer_cfg
+        # model.lora: only the adapters train (DeepSpeed gets the parameters that require grad), train/models/lora.py
+        self.lora = trainer_cfg.get("lora") if lora_adapters.lora_enabled(trainer_cfg.get("lora")) else None
+        if self.lora is not None:
+            model = lora_adapters.wrap(model, self.lora)
+        self.adapter_names = {n for n, p in model.named_parameters() if p.requires_grad} if self.lora else None
+        model.train()
         self.config = deepspeed_config(trainer_cfg, self.world_size, self.micro_batches_per_rank, on_gpu)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.config
@@ -251,8 +261,13 @@ class PolicyTrainer:
         return self.lr_schedule.state_dict()
 
     def apply_to_model(self, fn: Callable):
-        """``fn(module)`` on this rank's model (e.g. a curriculum phase's parameter freezing); returns its result."""
-        return fn(self.engine.module)
+        """``fn(module)`` on this rank's model (e.g. a curriculum phase's parameter freezing); returns its result.
+        Under LoRA the base weights stay frozen whatever ``fn`` sets: freezing patterns act on the adapters only."""
+        result = fn(self.engine.module)
+        if self.lora is not None:
+            for name, param in self.engine.module.named_parameters():
+                param.requires_grad_(param.requires_grad and name in self.adapter_names)
+        return result
 
     def _full_gradients(self) -> dict[str, torch.Tensor] | None:
         """The reduced gradient of every parameter on rank 0 (between the last backward and the optimizer step;
@@ -267,11 +282,20 @@ class PolicyTrainer:
         return self.last_gradients
 
     # -- weights -----------------------------------------------------------------------------------------------
+    def _gather(self, params: list):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, enabled=self.config["zero_optimization"]["stage"] == 3)
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """All weights on rank 0 (gathering ZeRO-3 shards; every rank must call this), None elsewhere."""
+        """All weights on rank 0 (gathering ZeRO-3 shards; every rank must call this), None elsewhere. Under LoRA:
+        the merged weights W + (alpha / r) B A under the base model's names (train/models/lora.py), so rollout
+        workers, the reference and HF checkpoints take them as they take a full model's."""
         import deepspeed
 
         module = self.engine.module
+        if self.lora is not None:
+            return lora_adapters.merged_state_dict(module, self._gather, keep=self.rank == 0)
         state = {}
         for name, param in module.named_parameters():
             with deepspeed.zero.GatheredParameters([param], enabled=self.config["zero_optimization"]["stage"] == 3):
@@ -281,7 +305,12 @@ class PolicyTrainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def save_state(self, path: str) -> None:
-        """DeepSpeed state (sharded optimizer, step) and the lr schedule under ``path/deepspeed``; every rank calls."""
+        """DeepSpeed state (sharded optimizer, step) and the lr schedule under ``path/deepspeed``; every rank calls.
+        Under LoRA also the adapter in peft's format under ``path/adapter`` (written by rank 0)."""
+        if self.lora is not None:
+            adapter = lora_adapters.adapter_state_dict(self.engine.module, self._gather, keep=self.rank == 0)
+            if self.rank == 0:
+                lora_adapters.save_adapter(self.engine.module, os.path.join(path, lora_adapters.ADAPTER_DIR), adapter)
         self.engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state",
                                     client_state={"version": self.version, "lr_schedule": self.lr_schedule.state_dict()})
 
