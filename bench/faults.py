@@ -283,7 +283,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-growth", type=float, default=5.0, help="soak: RSS growth (%%) allowed after warm-up")
     parser.add_argument("--out", default="runs/faults")
     parser.add_argument("overrides", nargs="*", help="extra python -m train overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # python -m train overrides may follow the options
     if args.steps is None:
         args.steps = {("kill", "rl"): 12, ("kill", "sft"): 300, ("soak", "rl"): 300, ("soak", "sft"): 3000}[
             (args.mode, args.recipe)]

@@ -1,0 +1,51 @@
+"""bench/faults.py's CPU-cheap parts: argument defaults and overrides, the per-step metric merge of a resumed run's
+metrics.jsonl (the last record of each step wins), and the comparison that decides PASS/FAIL."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "faults.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_faults", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_defaults_and_overrides_after_the_options(tmp_path):
+    bench = load_bench()
+    args = bench.parse_args(["kill", "--recipe", "sft", "--out", str(tmp_path), "trainer.num_threads=1"])
+    assert (args.steps, args.kills, args.overrides) == (300, 3, ["trainer.num_threads=1"])
+    assert bench.parse_args(["soak", "--out", str(tmp_path)]).steps == 300
+    sft = bench.experiment(args, tmp_path / "run")
+    assert "curriculum.phases.0.steps=150" in sft and "curriculum.phases.1.steps=150" in sft
+    assert sft[-2:] == [f"run_dir={tmp_path / 'run'}", "trainer.num_threads=1"]  # the user's overrides last
+
+
+def _run(directory: Path, records: list[dict], weight: float) -> Path:
+    (directory / "checkpoints" / "step_2").mkdir(parents=True)
+    (directory / "checkpoints" / "latest").write_text("step_2")
+    save_file({"w": torch.full((2, 2), weight)}, str(directory / "checkpoints" / "step_2" / "model.safetensors"))
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return directory
+
+
+def test_a_resumed_runs_last_records_are_compared_and_timing_ignored(tmp_path):
+    bench = load_bench()
+    reference = _run(tmp_path / "ref", [{"step": 1, "train/loss": 2.0, "perf/s": 1.0}, {"step": 2, "train/loss": 1.5}], 0.5)
+    # killed after step 2's metrics were written but before its checkpoint: step 2 ran again after the resume
+    faulted = _run(tmp_path / "got", [{"step": 1, "train/loss": 2.0, "perf/s": 9.0}, {"step": 2, "train/loss": 9.9},
+                                      {"step": 2, "train/loss": 1.5, "perf/s": 3.0}], 0.5)
+    assert bench.last_step(faulted) == 2
+    assert bench.compare(reference, faulted) == (0.0, 0.0, [])
+    off = _run(tmp_path / "off", [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5 + 3e-3}], 0.5 + 1e-3)
+    metric_diff, weight_diff, missing = bench.compare(reference, off)
+    assert abs(metric_diff - 2e-3) < 1e-9 and abs(weight_diff - 1e-3) < 1e-6 and missing == []
+    short = _run(tmp_path / "short", [{"step": 1, "train/loss": 2.0}], 0.5)
+    assert bench.compare(reference, short)[2] == ["step 2"]
