@@ -7,9 +7,9 @@
     python bench/faults.py soak --recipe sft --steps 3000
 
 kill: runs the experiment once uninterrupted (the reference) and once with ``trainer.resume=auto`` killed by
-SIGKILL of the driver process at ``--kills`` moments drawn uniformly over the reference's wall time (seeded by
-``--seed``; a kill may land anywhere: start-up, a step, evaluation, a checkpoint save), each time restarted with
-the same command until it finishes. It then compares the per-step metrics (the last record of each step; timing
+SIGKILL of the driver process at ``--kills`` moments (seeded by ``--seed``): each a random delay (up to 1.5 of
+the reference's seconds per step) after a random step was logged, so a kill may land anywhere: start-up, a step,
+evaluation, a checkpoint save; each time restarted with the same command until it finishes. It then compares the per-step metrics (the last record of each step; timing
 keys ``perf/*`` excluded) and the final weights with the reference's and prints the largest differences; the exit
 status is 1 when either exceeds ``--tolerance``. RL starts from a short SFT of the tiny model (``--sft-steps``,
 built once under ``--out``) so that rewards are not all zero, with Bingo's dynamic length schedule and the
@@ -104,13 +104,14 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def step_metrics(run_dir: Path) -> dict[int, dict]:
-    """The last record of each step in metrics.jsonl, timing keys left out, merged per step."""
+    """The last record of each step in metrics.jsonl, merged per step; left out: timing (``perf/*``) and the data
+    statistics every start logs at the step it starts from (``data/*``)."""
     merged: dict[int, dict] = {}
     path = run_dir / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
         record = json.loads(line)
         step = record.pop("step")
-        merged.setdefault(step, {}).update({k: v for k, v in record.items() if not k.startswith("perf/")})
+        merged.setdefault(step, {}).update({k: v for k, v in record.items() if not k.startswith(("perf/", "data/"))})
     return merged
 
 
@@ -155,20 +156,26 @@ def kill_run(args) -> int:
         run_command(experiment(args, reference) + ["trainer.resume=null"], check=True, log=out / "reference.log")
     wall = time.monotonic() - start
     rng = random.Random(args.seed)
-    moments = sorted(rng.uniform(0.05, 0.95) * wall for _ in range(args.kills))
-    print(f"reference: {wall:.0f} s; kills at {', '.join(f'{m:.0f} s' for m in moments)} of each attempt")
+    per_step = wall / args.steps
+    # a kill lands `delay` seconds after step `after` was logged (after 0: counted from the start, so start-up too):
+    # inside a step, an evaluation or a checkpoint save, wherever that falls
+    kills = sorted((rng.randrange(args.steps), rng.uniform(0.0, 1.5) * per_step) for _ in range(args.kills))
+    print(f"reference: {wall:.0f} s ({per_step:.1f} s/step with start-up); kills "
+          + ", ".join(f"{delay:.1f} s after step {after}" for after, delay in kills))
     events = []
-    for moment in moments:
+    for after, delay in kills:
         before = last_step(faulted)
         proc = run_command(experiment(args, faulted) + ["trainer.resume=auto"], log=out / "faulted.log")
-        deadline = time.monotonic() + moment
-        while time.monotonic() < deadline and proc.poll() is None:
+        while proc.poll() is None and last_step(faulted) < after:
             time.sleep(0.05)
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
         if proc.poll() is None:
             kill_tree(proc)
-            events.append(f"killed at {moment:.0f} s (steps {before} -> {last_step(faulted)})")
+            events.append(f"killed {delay:.1f} s after step {max(after, before)} (steps {before} -> {last_step(faulted)})")
         else:
-            events.append(f"finished before {moment:.0f} s")
+            events.append(f"finished before the kill after step {after}")
         print(events[-1])
     proc = run_command(experiment(args, faulted) + ["trainer.resume=auto"], log=out / "faulted.log")
     if proc.wait() != 0:
