@@ -1,25 +1,17 @@
 """bench/faults.py's CPU-cheap parts: argument defaults and overrides, the per-step metric merge of a resumed run's
 metrics.jsonl (the last record of each step wins), and the comparison that decides PASS/FAIL."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "faults.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_faults", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench.bench_modules import load_bench
 
 
 def test_defaults_and_overrides_after_the_options(tmp_path):
-    bench = load_bench()
+    bench = load_bench("faults")
     args = bench.parse_args(["kill", "--recipe", "sft", "--out", str(tmp_path), "trainer.num_threads=1"])
     assert (args.steps, args.kills, args.overrides) == (300, 3, ["trainer.num_threads=1"])
     assert bench.parse_args(["soak", "--out", str(tmp_path)]).steps == 300
@@ -37,7 +29,7 @@ def _run(directory: Path, records: list[dict], weight: float) -> Path:
 
 
 def test_a_resumed_runs_last_records_are_compared_and_timing_ignored(tmp_path):
-    bench = load_bench()
+    bench = load_bench("faults")
     reference = _run(tmp_path / "ref", [{"step": 1, "train/loss": 2.0, "perf/s": 1.0}, {"step": 2, "train/loss": 1.5}], 0.5)
     # killed after step 2's metrics were written but before its checkpoint: step 2 ran again after the resume
     faulted = _run(tmp_path / "got", [{"step": 1, "train/loss": 2.0, "perf/s": 9.0}, {"step": 2, "train/loss": 9.9},

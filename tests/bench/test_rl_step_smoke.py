@@ -1,24 +1,15 @@
 """bench/rl_step.py sets TRL up for the same step as ours: the same prompts in the same order, P*G completions
 generated once and used in one optimizer step. Config only (the bench itself is too slow for the suite)."""
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "rl_step.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_rl_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench.bench_modules import load_bench
 
 
 def test_trl_step_is_ours(compose, tmp_path):
     from trl.trainer.utils import RepeatSampler
 
-    bench = load_bench()
+    bench = load_bench("rl_step")
     args = SimpleNamespace(prompts=3, group=4, max_new_tokens=16, beta=0.0, warmup=1, steps=2, seed=0)
     cfg = compose(["experiment=quickstart_rl", "rollout.prompts_per_step=3", "algorithm.group_size=4"])
     config = bench.trl_config(cfg, args, str(tmp_path / "trl"))

@@ -2,23 +2,14 @@
 bench checks every worker's weights against the trainer's after each sync) and reports the parameter count of the
 model it built."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "weight_sync.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_weight_sync", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench.bench_modules import load_bench
 
 
 def test_arch_widens_the_tiny_model():
-    bench = load_bench()
+    bench = load_bench("weight_sync")
     arch = bench.arch_of(256, 4)
     assert (arch["hidden_size"], arch["intermediate_size"], arch["num_attention_heads"], arch["num_key_value_heads"]) == (256, 1024, 8, 4)
     with pytest.raises(SystemExit, match="multiple of 32"):
@@ -30,7 +21,7 @@ def test_weight_sync_bench_runs_and_counts_parameters(model_cache, capsys):
     pytest.importorskip("ray")
     from train.models.model_zoo import embedded_model_path, load_model
 
-    bench = load_bench()
+    bench = load_bench("weight_sync")
     rows = bench.main(["--widths", "32", "--world-sizes", "2", "--workers", "2", "--repeats", "1", "--layers", "1",
                        "--methods", "object_store", "gloo", "--cache-dir", str(model_cache)])
     # width 32 (one head, one KV head), 1 layer, 386 tokens (384 BPE + 2 special), tied embeddings: 386*32 embedding, per layer q, k, v
