@@ -377,16 +377,20 @@ def _timed_generate(worker, prompts, args, seed) -> tuple[list, float]:
     return rollouts, time.perf_counter() - start
 
 
+def _model_and_prompts(args) -> tuple[str, list[str]]:
+    """The policy's path and the first step's prompt texts of the check's RL config."""
+    rl_step = _rl_step_module()
+    cfg = _config(args, _prompt_pool(args))
+    return rl_step.model_path_of(cfg), [p.text for p in rl_step.step_prompts(cfg, 1)[0]]
+
+
 def check_vllm_vs_hf(args) -> dict:
     require("vllm")
     from train.models.model_zoo import load_model
     from train.models.runtime import component_dtype
     from train.workers.rollout_worker import RolloutWorker
 
-    rl_step = _rl_step_module()
-    cfg = _config(args, _prompt_pool(args))
-    path = rl_step.model_path_of(cfg)
-    prompts = [p.text for p in rl_step.step_prompts(cfg, 1)[0]]
+    path, prompts = _model_and_prompts(args)
     figures: dict = {"prompts": len(prompts), "group": args.group, "max_new_tokens": args.max_new_tokens}
     sides = {}
     for name, build in (("hf", lambda: RolloutWorker(path, seed=args.seed, device=DEVICE.type, precision="auto")),
@@ -414,10 +418,7 @@ def check_weight_sync(args) -> dict:
     from train.models.model_zoo import load_model
     from train.models.runtime import component_dtype
 
-    rl_step = _rl_step_module()
-    cfg = _config(args, _prompt_pool(args))
-    path = rl_step.model_path_of(cfg)
-    prompts = [p.text for p in rl_step.step_prompts(cfg, 1)[0]]
+    path, prompts = _model_and_prompts(args)
     dtype = component_dtype("trainer", "auto", DEVICE)
     old = load_model(path, "sdpa", dtype, DEVICE).eval()
     new_model = perturbed(load_model(path, "sdpa", torch.float32, "cpu"), args.seed)  # what an update would send
