@@ -172,9 +172,6 @@ def check(cfg: DictConfig) -> None:
         _fail(phase.get("warmup_steps", 0) >= 0, f"{key}.warmup_steps={phase.get('warmup_steps')} must be >= 0")
         _fail(0 <= phase.get("min_lr_ratio", cfg.trainer.min_lr_ratio) <= 1, f"{key}.min_lr_ratio must be in [0, 1]")
         _fail(phase.get("decay", "cosine") in DECAYS, f"{key}.decay={phase.get('decay')!r} must be one of {list(DECAYS)}")
-        _fail(not (phase.get("freeze") and cfg.trainer.get("zero_stage", 0) != 0),
-              f"{key}.freeze needs trainer.zero_stage=0: ZeRO stages 1-3 keep one flat optimizer state in which a frozen "
-              "parameter would still move (Adam's moments with a zero gradient); set trainer.zero_stage=0 or drop freeze")
         for which in ("freeze", "unfreeze"):
             for pattern in phase.get(which) or []:
                 try:

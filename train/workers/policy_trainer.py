@@ -33,6 +33,7 @@ from train.models.model_zoo import load_model
 from train.models.runtime import component_dtype
 from train.run.lr_schedule import restore as restore_lr_schedule
 from train.run.lr_schedule import warmup_then_decay
+from train.workers.frozen_params import FrozenParameters
 
 
 def compute_dtype(precision: str, on_gpu: bool) -> torch.dtype:
@@ -124,6 +125,7 @@ class PolicyTrainer:
         self.store = None  # the torch.distributed TCPStore: rank 0's server, or a client of it
         self.engine = None
         self.lora, self.adapter_names = None, None  # model.lora (trainer_cfg["lora"]) once join() wraps the model
+        self.frozen = None  # FrozenParameters once a ZeRO 1-3 engine has frozen parameters (apply_to_model)
 
     def open_rendezvous(self) -> tuple[str, int]:
         """Rank 0: start the world's store on a port of this node that the OS picks, and return (this node's Ray
@@ -267,6 +269,10 @@ class PolicyTrainer:
         if self.lora is not None:
             for name, param in self.engine.module.named_parameters():
                 param.requires_grad_(param.requires_grad and name in self.adapter_names)
+        stage = self.config["zero_optimization"]["stage"]
+        if stage > 0:  # ZeRO's flat optimizer state would move frozen parameters: hold them
+            self.frozen = self.frozen or FrozenParameters(self.engine, stage)
+            self.frozen.update()
         return result
 
     def _full_gradients(self) -> dict[str, torch.Tensor] | None:

@@ -191,14 +191,22 @@ def test_bad_rank_settings_fail_before_any_work_naming_the_key(compose, tmp_path
     assert not (tmp_path / "run").exists()  # nothing written, no actor started
 
 
-def test_curriculum_freezing_needs_zero_stage_0(compose, tmp_path):
+def test_curriculum_freezing_on_2_ranks_under_zero_2_holds_the_frozen_layer(ray_session, compose, tmp_path):
+    """The two-phase curriculum of test_curriculum.py (layer 0 frozen in phase 1) on 2 ranks with ZeRO-2: layer 0
+    is unchanged from the phase switch (step 3) to the end (step 6), layer 1 moved (train/workers/frozen_params.py)."""
     from omegaconf import open_dict
+    from safetensors.torch import load_file
 
-    from train.sft.curriculum import CurriculumError
+    from tests.train.sft.test_curriculum import BASE, CURRICULUM
+    from train.__main__ import run
 
-    cfg = compose(["experiment=curriculum_quickstart", "trainer.zero_stage=1", f"run_dir={tmp_path}/run"])
+    cfg = compose(BASE + ["trainer.world_size=2", "trainer.zero_stage=2", "trainer.grad_accum=1",
+                          f"run_dir={tmp_path}/run"])
     with open_dict(cfg):
-        cfg.curriculum.phases[-1].freeze = [r"layers\.0\."]
-    with pytest.raises(CurriculumError, match=r"curriculum\.phases\[\d\]\.freeze needs trainer\.zero_stage=0"):
-        run_sft(cfg)
-    assert not (tmp_path / "run").exists()
+        cfg.curriculum = OmegaConf.create(CURRICULUM)
+    run(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    at_3, at_6 = load_file(ckpts / "step_3" / "model.safetensors"), load_file(ckpts / "step_6" / "model.safetensors")
+    layer0 = [k for k in at_3 if "layers.0." in k]
+    assert layer0 and all(torch.equal(at_3[k], at_6[k]) for k in layer0)
+    assert all(not torch.equal(at_3[k], at_6[k]) for k in at_3 if "layers.1." in k and "norm" not in k)
