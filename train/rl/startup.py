@@ -9,7 +9,6 @@ train/workers/placement.py.
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -17,23 +16,10 @@ import torch
 from omegaconf import OmegaConf
 
 from train.models.lora import lora_enabled
+from train.run.threads import rl_thread_plan
 from train.workers.ray_session import init_ray
 
 log = logging.getLogger(__name__)
-
-
-def cpu_threads(cores: int, world_size: int, num_workers: int, overlap: bool, placement_mode: str) -> tuple[int | None, int | None]:
-    """Torch threads (per trainer rank, per rollout worker) on a CPU machine of ``cores`` cores.
-
-    Colocated and on-policy, generation and update alternate: each gets every core in turn. With
-    ``overlap`` (rollout.async_steps=1) they run at the same time: the cores are split in half. Disaggregated:
-    None, i.e. Ray's setting for an actor that holds CPUs of its own (OMP_NUM_THREADS = its num_cpus)."""
-    if placement_mode != "colocated":
-        return None, None
-    if not overlap:
-        return max(1, cores // world_size), max(1, cores // num_workers)
-    rollout_cores = max(1, cores // 2)
-    return max(1, (cores - rollout_cores) // world_size), max(1, rollout_cores // num_workers)
 
 
 @dataclass
@@ -74,14 +60,8 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
     t_cfg, r_cfg = cfg.trainer, cfg.rollout
     init_ray(cfg.cluster.get("ray_address"), cfg.cluster.get("ray_num_cpus"))
     momentum_workers = r_cfg.num_workers if cfg.algorithm.get("momentum_rollout") else 0
-    overlap = int(r_cfg.get("async_steps", 0)) == 1
-    trainer_threads, rollout_threads = None, None
-    if not torch.cuda.is_available() and not cfg.cluster.get("ray_address"):
-        cores = int(cfg.cluster.get("ray_num_cpus") or os.cpu_count() or 1)
-        trainer_threads, rollout_threads = cpu_threads(cores, t_cfg.world_size, r_cfg.num_workers + momentum_workers,
-                                                       overlap, cfg.cluster.placement)
-    trainer_threads = t_cfg.get("num_threads") or trainer_threads
-    rollout_threads = r_cfg.get("num_threads") or rollout_threads
+    threads = rl_thread_plan(cfg, momentum_workers)  # train/run/threads.py: no two of our processes oversubscribe
+    trainer_threads, rollout_threads = threads.trainer, threads.rollout
 
     with ExitStack() as stack:
         places = plan(cfg.cluster.placement, torch.cuda.is_available(), t_cfg.world_size, r_cfg.num_workers, momentum_workers,
@@ -90,7 +70,7 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
         rewards = driver_rewards
         if rewards is None:  # rewards are computed after generation: the rollout workers' threads are free then
             rewards = RewardPool(int(r_cfg.get("reward_workers", 1)), OmegaConf.to_container(cfg.reward, resolve=True),
-                                 places.reward, num_threads=rollout_threads)
+                                 places.reward, num_threads=threads.reward)
             stack.callback(_stop, "the reward workers", rewards.shutdown)
         stack.callback(_stop, "the reward functions", rewards.close)
         # under LoRA the trainer starts from the base model (a checkpoint's HF model is the merged one) and a resume
@@ -113,7 +93,8 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
         if kl_beta > 0:
             # on the device its placement grants, in the trainer's precision
             reference = ray.remote(ReferenceWorker).options(**places.reference).remote(
-                model_path, cfg.model.attn_backend, **reference_settings(places.reference, t_cfg.get("precision", "auto")))
+                model_path, cfg.model.attn_backend, **reference_settings(places.reference, t_cfg.get("precision", "auto")),
+                num_threads=threads.reference)
             stack.callback(_stop, "the reference model", lambda: ray.kill(reference))
         momentum_pool = None
         if momentum_workers:  # AAPO: the momentum model starts as the initial policy

@@ -8,7 +8,6 @@ loss tokens of the whole step (train/sft/loss.py), so the update does not depend
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from train.run.threads import sft_thread_plan
 from train.sft.curriculum import Phase
 from train.sft.loss import TokenCrossEntropy, loss_tokens
 
@@ -23,12 +23,7 @@ from train.sft.loss import TokenCrossEntropy, loss_tokens
 def rank_threads(cfg) -> int | None:
     """Torch threads per CPU rank: ``trainer.num_threads``, else the cores of a local Ray split over the ranks (so
     2 ranks on 2 cores do not oversubscribe); None on GPU or a remote cluster (Ray's per-actor setting)."""
-    if cfg.trainer.get("num_threads"):
-        return int(cfg.trainer.num_threads)
-    if torch.cuda.is_available() or cfg.cluster.get("ray_address"):
-        return None
-    cores = int(cfg.cluster.get("ray_num_cpus") or os.cpu_count() or 1)
-    return max(1, cores // int(cfg.trainer.world_size))
+    return sft_thread_plan(cfg).trainer  # train/run/threads.py
 
 
 class SFTRanks:

@@ -8,6 +8,7 @@ from data_pipelines.packing import PackedBatch
 from train.models.forward import token_logprobs
 from train.models.model_zoo import load_model
 from train.models.runtime import component_dtype
+from train.run.threads import set_threads
 from train.workers.placement import device_of
 
 
@@ -20,8 +21,11 @@ def reference_settings(options: dict, precision: str) -> dict:
 
 
 class ReferenceWorker:
-    def __init__(self, model_path: str, attn_backend: str = "sdpa", device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model_path: str, attn_backend: str = "sdpa", device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 num_threads: int | None = None):
         self.device = torch.device(device)
+        if self.device.type == "cpu":  # train/run/threads.py; None: Ray's setting for the actor
+            set_threads(num_threads)
         self.attn_backend = attn_backend
         self.model = load_model(model_path, attn_backend, dtype, self.device).eval()
         for p in self.model.parameters():

@@ -132,7 +132,7 @@ def test_async_rollouts_are_one_version_old_and_overlap_the_update(compose, tmp_
     ],
 )
 def test_cpu_thread_split(cores, world, workers, overlap, expected):
-    from train.rl.startup import cpu_threads
+    from train.run.threads import cpu_threads
 
     assert cpu_threads(cores, world, workers, overlap, "colocated") == expected
     assert cpu_threads(cores, world, workers, overlap, "disaggregated") == (None, None)

@@ -68,3 +68,33 @@ def test_rewards_in_the_driver_give_the_workers_results(compose, tmp_path, ray_c
     in_worker = run(compose(base + [f"run_dir={tmp_path}/worker"]))["history"][0]
     for key in ("reward/total", "reward/correctness", "reward/kimi_length", "train/advantage_abs_mean", "train/loss"):
         assert in_driver[key] == in_worker[key], key
+
+
+@pytest.mark.parametrize("overrides, want", [
+    # on-policy: the phases take turns, each gets all 4 cores (trainer ranks 4 // 2, workers 4 // (1 + 1 momentum))
+    ([], {"trainer": 2, "rollout": 2, "momentum": 2, "reward": 2, "reference": 4}),
+    # async: the rollout side gets 4 // 2 cores (1 per worker); trainer.num_threads overrides the ranks' share (1),
+    # and the reference follows the ranks (world_size * trainer.num_threads)
+    (["rollout.async_steps=1", "trainer.num_threads=3"], {"trainer": 3, "rollout": 1, "momentum": 1, "reward": 1, "reference": 6}),
+])
+def test_every_actor_runs_the_documented_torch_thread_count(compose, ray_cleanup, overrides, want):  # noqa: F811
+    """train/run/threads.py's table, read back from each actor's torch.get_num_threads() (AAPO + KL + a reward worker,
+    2 trainer ranks, 4 local cores)."""
+    import ray
+
+    from train.models.model_zoo import resolve_model_path
+    from train.rl.startup import start_actors
+
+    cfg = compose(FAST_RL + ["algorithm=aapo", "algorithm.kl.beta=0.01", "trainer.world_size=2",
+                             "cluster.ray_num_cpus=4", *overrides])
+    path = str(resolve_model_path(cfg.model))
+
+    def threads(handles) -> set:
+        return set(ray.get([h.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()) for h in handles]))
+
+    with start_actors(cfg, path, path, None, kl_beta=0.01) as actors:
+        seen = {"trainer": threads(actors.trainer.ranks), "rollout": threads(actors.rollout_pool.workers),
+                "momentum": threads(actors.momentum_pool.workers), "reward": threads(actors.rewards.workers),
+                "reference": threads([actors.reference])}
+    assert seen == {k: {v} for k, v in want.items()}
+    ray.shutdown()
