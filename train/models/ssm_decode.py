@@ -29,7 +29,7 @@ from train.models.sampling import sample_tokens
 class RecurrentDecoder:
     """Prefill and one-token steps of an attention-free causal LM on its fixed-size conv and SSM states."""
 
-    def __init__(self, model, prefill_chunk: int = 1024):
+    def __init__(self, model, prefill_chunk: int = 512):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model
@@ -78,7 +78,7 @@ class RecurrentDecoder:
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
            pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
            compact_fraction: float = 0.25, group_size: int = 1, return_logprobs: bool = False,
-           prefill_chunk: int = 1024):
+           prefill_chunk: int = 512):
     """``train.models.sampling.sample`` on the recurrent state (see there for the arguments and outputs): responses
     [B * group_size, max_new_tokens] (pad after eos), and with ``return_logprobs`` the log-prob of each sampled token
     under log_softmax(logits / T) in fp32 (0 for greedy and after eos). Finished rows leave the state once
