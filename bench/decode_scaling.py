@@ -251,14 +251,15 @@ def plot(rows: list[dict], path: Path, new_tokens: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-    for kind in KINDS:
+    for kind, color in zip(KINDS, ("tab:blue", "tab:orange")):
         mine = sorted((r for r in rows if r["model"] == kind), key=lambda r: r["context"])
         if not mine:
             continue
         x = [r["context"] for r in mine]
-        ax_t.plot(x, [r["ms_per_token_median"] for r in mine], marker="o", label=kind)
-        ax_m.plot(x, [r["peak_rss_mib"] for r in mine], marker="o", label=f"{kind}: peak RSS")
-        ax_m.plot(x, [r["state_mib"] for r in mine], marker="s", linestyle="--", label=f"{kind}: decode state")
+        ax_t.plot(x, [r["ms_per_token_median"] for r in mine], marker="o", color=color, label=kind)
+        ax_m.plot(x, [r["peak_rss_mib"] for r in mine], marker="o", color=color, label=f"{kind}: peak RSS")
+        ax_m.plot(x, [r["state_mib"] for r in mine], marker="s", linestyle="--", color=color,
+                  label=f"{kind}: decode state")
     for ax in (ax_t, ax_m):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
