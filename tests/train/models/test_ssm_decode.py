@@ -146,3 +146,32 @@ def test_rollout_worker_samples_mamba_with_logprobs(mamba_path):
     assert [r.response_ids for r in rollouts] == [r.response_ids for r in again]
     assert all(r.logprobs is not None and len(r.logprobs) == len(r.response_ids) for r in rollouts)
     assert all(lp < 0 for r in rollouts for lp in r.logprobs)
+
+
+@pytest.mark.slow
+def test_rl_with_mamba2_corrects_the_mismatch_from_recorded_logprobs(compose, tmp_path):
+    """``python -m train experiment=quickstart_rl model=tiny_mamba2`` with the rollout/trainer mismatch correction:
+    it needs the sampler's log-probs, which the recurrent-state rollout now records; in fp32 the recurrent step and
+    the trainer's full forward agree, so the measured mismatch is ~0."""
+    import os
+
+    from omegaconf import open_dict
+
+    from train.__main__ import run
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    mismatch = "algorithm.loss.mismatch={_target_:algorithms.mismatch.rollout_correction,_partial_:true,mode:tis,threshold:2.0}"
+    cfg = compose(["experiment=quickstart_rl", "model=tiny_mamba2", "trainer.max_steps=1", "rollout.prompts_per_step=2",
+                   "algorithm.group_size=2", "rollout.max_new_tokens=8", "trainer.eval_every=0", "trainer.save_every=0",
+                   "trainer.resume=null", "data.synthetic.eval.num_samples=2", "cluster.ray_num_cpus=2",
+                   "rollout.num_workers=1", mismatch, f"run_dir={tmp_path}/rl"], test_model=False)
+    with open_dict(cfg):
+        cfg.model.path = None
+        cfg.model.tiny.arch = dict(ARCH)
+    try:
+        first = run(cfg)["history"][0]
+    finally:
+        import ray
+
+        ray.shutdown()
+    assert 0.0 <= first["train/mismatch_kl"] < 1e-4
