@@ -8,6 +8,9 @@ Same distribution as ``model.generate(do_sample=True, temperature=T, top_p=p, to
 - a token is drawn by inverse-CDF sampling, one uniform number per row (``torch.multinomial`` draws one
   exponential per vocabulary entry), from a ``torch.Generator`` seeded per call.
 
+Attention-free models (Mamba-2) have no KV cache: ``sample`` hands them to train/models/ssm_decode.py, the same
+loop on their constant-size recurrent state.
+
 Greedy decoding (temperature 0) takes the argmax and gives exactly ``generate``'s greedy tokens.
 ``left_padded`` makes the prompt batch and ``cut_at_eos`` reads a response off an output row, for ``sample`` and
 ``generate`` alike (rollout workers, evaluation).
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+
+from train.models.forward import is_ssm
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -73,6 +78,11 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     ``pad_token_id`` after it. ``return_logprobs``: also (as a pair) the log-prob [B * group_size, max_new_tokens]
     of each sampled token under the distribution it was drawn from, log_softmax(logits / T) in fp32 (before
     nucleus truncation; 0 for greedy decoding, a point mass, and after eos), for rollout/trainer mismatch checks."""
+    if is_ssm(model):  # attention-free: no KV cache, the constant-size recurrent state (train/models/ssm_decode.py)
+        from train.models import ssm_decode  # it imports sample_tokens from here
+
+        return ssm_decode.sample(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+                                 temperature, top_p, generator, compact_fraction, group_size, return_logprobs)
     batch = input_ids.shape[0] * group_size
     out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
     out_logprobs = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=input_ids.device) if return_logprobs else None

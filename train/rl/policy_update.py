@@ -12,7 +12,7 @@ def rollout_logprobs(rollouts, members: list[int]) -> torch.Tensor:
     missing = [i for i in members if rollouts[i].logprobs is None]
     if missing:
         raise ValueError("algorithm.loss.mismatch needs the sampler's log-probs, but this rollout backend recorded none "
-                         "(Rollout.logprobs is None: Mamba-2's generate path, multi-turn chats); set algorithm.loss.mismatch=null")
+                         "(Rollout.logprobs is None: multi-turn chats); set algorithm.loss.mismatch=null")
     width = max((len(rollouts[i].response_ids) for i in members), default=0)
     out = torch.zeros(len(members), width)  # [docs, resp_len]
     for row, i in enumerate(members):

@@ -1,5 +1,5 @@
 """Rollout worker: generates G responses per prompt with the current policy weights (a Hugging Face model:
-train/models/sampling.py's KV-cache loop for attention models, `generate` for state-space models).
+train/models/sampling.py's loop: on a KV cache for attention models, on the recurrent state for state-space models).
 
 Runs as a Ray actor (``ray.remote(RolloutWorker)``) or in-process. Every sample records the policy version
 that generated it; ``load_weights`` installs the trainer's weights after each update (weight sync).
@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from train.models.forward import is_ssm
 from train.models.model_zoo import load_model, load_tokenizer
 from train.models.runtime import component_dtype
 from train.models.sampling import cut_at_eos, left_padded, sample
@@ -75,23 +74,12 @@ class RolloutWorker:
         """``group_size`` samples for each prompt (text, or token ids); rollouts come grouped (prompt 0's group first)."""
         tok = self.tokenizer
         enc = left_padded(tok, prompts, self.device)
-        if is_ssm(self.model):  # no KV cache to drop rows from: Hugging Face's loop with the model's own cache
-            input_ids = enc["input_ids"].repeat_interleave(group_size, 0)
-            attention_mask = enc["attention_mask"].repeat_interleave(group_size, 0)
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=temperature > 0,
-                temperature=max(temperature, 1e-5), top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            )[:, input_ids.shape[1]:]
-            logprobs = None  # `generate` would have to keep every step's vocab-sized scores
-        else:
-            generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-            out, logprobs = sample(self.model, enc["input_ids"], enc["attention_mask"], max_new_tokens, tok.eos_token_id,
-                                   tok.pad_token_id, temperature, top_p, generator, group_size=group_size,
-                                   return_logprobs=True)
-            logprobs = logprobs.tolist()
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        # attention models decode on a KV cache, attention-free ones (Mamba-2) on their recurrent state
+        out, logprobs = sample(self.model, enc["input_ids"], enc["attention_mask"], max_new_tokens, tok.eos_token_id,
+                               tok.pad_token_id, temperature, top_p, generator, group_size=group_size,
+                               return_logprobs=True)
+        logprobs = logprobs.tolist()
         rollouts = []
         for i, row in enumerate(out.tolist()):
             p = i // group_size
@@ -99,7 +87,7 @@ class RolloutWorker:
             prompt_ids = [t for t, m in zip(enc["input_ids"][p].tolist(), enc["attention_mask"][p].tolist()) if m]
             rollouts.append(Rollout(prompt_offset + p, prompt_ids, response,
                                     tok.decode(response, skip_special_tokens=True), truncated, self.version,
-                                    logprobs=None if logprobs is None else logprobs[i][: len(response)]))
+                                    logprobs=logprobs[i][: len(response)]))
         return rollouts
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
