@@ -39,7 +39,9 @@ class RLLoop:
                                       setup.model_path)
         self.checkpoints = RLCheckpoints(cfg.run_dir, hf_model, setup.tokenizer, cfg.algorithm.name, cfg.trainer.keep_last,
                                          actors, self.rounds, self.weight_sync)
-        self.micro_batches = self.t_cfg.world_size * self.t_cfg.micro_batches_per_rank
+        # trainer.max_tokens_per_micro_batch: each mini-batch gets the multiple of world_size its tokens need
+        self.max_tokens = self.t_cfg.get("max_tokens_per_micro_batch")
+        self.micro_batches = self.t_cfg.world_size * (1 if self.max_tokens else self.t_cfg.micro_batches_per_rank)
         self.step_count, self.weights, self.history = 0, None, []
 
     # -- one step ------------------------------------------------------------------------------------------------
@@ -56,7 +58,8 @@ class RLLoop:
         updates = pack_updates(batch.rollouts, self.micro_batches, int(self.t_cfg.get("ppo_mini_batches", 1)),
                                share_prompt=self.setup.share_prompt, group_size=algorithm.group_size,
                                row_tokens=self.t_cfg.row_tokens, attn_backend=self.cfg.model.attn_backend,
-                               pad_token_id=self.setup.tokenizer.pad_token_id, mask_truncated=algorithm.mask_truncated)
+                               pad_token_id=self.setup.tokenizer.pad_token_id, mask_truncated=algorithm.mask_truncated,
+                               max_tokens=self.max_tokens)
         optimizer_steps = self.t_cfg.ppo_epochs * len(updates)
         logprobs = record_logprobs(trainer, self.actors.reference, updates,
                                    algorithm.needs_old_logprobs(optimizer_steps), self.timer)
@@ -70,7 +73,8 @@ class RLLoop:
             self.weights = trainer.full_state_dict()
             self.weight_sync(self.weights, step + 1)
         metrics = step_metrics(step + 1, batch, rewards, advantages, stats, optimizer_steps=optimizer_steps,
-                               world_size=self.t_cfg.world_size, micro_batches_per_rank=self.t_cfg.micro_batches_per_rank,
+                               world_size=self.t_cfg.world_size,
+                               micro_batches=self.t_cfg.ppo_epochs * sum(len(u.micro) for u in updates),
                                lr=lr, tokens=sum(u.tokens for u in updates), seconds=self.timer.seconds,
                                worker_restarts=self.actors.rollout_pool.restarts, kl_in_reward=algorithm.kl_reward is not None)
         if hasattr(self.setup.sampler, "metrics"):
