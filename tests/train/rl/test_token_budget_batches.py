@@ -190,3 +190,34 @@ def _by_rollout(update, old, masks) -> list[torch.Tensor]:
         for row, i in enumerate(members):
             out[i] = lp[row][mask[row]]
     return [out[i] for i in sorted(out)]
+
+
+# -- from the command line ---------------------------------------------------------------------------------------
+
+def test_budget_below_a_row_fails_before_any_work(compose, tmp_path):
+    from tests.train.rl.test_rl import FAST_RL
+    from train.__main__ import run
+    from train.run.config_checks import ConfigError
+
+    cfg = compose(FAST_RL + ["trainer.max_tokens_per_micro_batch=100", f"run_dir={tmp_path}/bad"])
+    with pytest.raises(ConfigError, match=r"trainer\.max_tokens_per_micro_batch=100 must be an integer >= trainer\.row_tokens=2048"):
+        run(cfg)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow  # one RL step of the driver
+def test_rl_run_logs_the_budgeted_micro_batch_count(compose, tmp_path):
+    """``python -m train ... trainer.max_tokens_per_micro_batch=128``: 8 rollouts of ~50 tokens need >= 4
+    micro-batches of 128 tokens; the step's count is logged."""
+    from tests.train.rl.test_rl import FAST_RL, VARIED_REWARD
+    from train.__main__ import run
+
+    try:
+        out = run(compose(FAST_RL + VARIED_REWARD + ["trainer.max_steps=1", "trainer.save_every=0", "trainer.share_prompt=false",
+                                     "trainer.row_tokens=128", "trainer.max_tokens_per_micro_batch=128",
+                                     f"run_dir={tmp_path}/budget"]))
+    finally:
+        ray.shutdown()
+    (metrics,) = out["history"]
+    assert metrics["train/micro_batches"] >= 4 and metrics["train/optimizer_steps"] == 1
+    assert metrics["train/grad_norm"] > 0  # the varied reward gives non-zero advantages: the update really ran
