@@ -94,7 +94,7 @@ def pack_update(rollouts, indices: list[int], num_batches: int, *, share_prompt:
     the fewest multiple of them the budget needs (``budget_micro_batches``: over prompt groups when each group fits
     the budget and there are enough groups, else over the prompt + response documents)."""
     chosen = [rollouts[i] for i in indices]
-    ranks, documents = num_batches, None
+    ranks = num_batches  # with max_tokens: the count is a multiple of the ranks
     if max_tokens is not None and share_prompt:
         group_tokens = prompt_group_tokens(chosen)
         num_batches = budget_micro_batches(group_tokens, max_tokens, ranks)

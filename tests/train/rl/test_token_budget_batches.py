@@ -110,10 +110,10 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.mark.slow  # four DeepSpeed worlds, two steps each: ~1-2 min on 2 busy cores
+@pytest.mark.slow  # five DeepSpeed worlds, two steps each: ~2-3 min on 2 busy cores
 def test_budget_update_equals_fixed_count_and_whole_batch(ray_session, compose, model_cache):
-    """Two RL steps (the second's rollouts ~2x longer) with a token budget on 1 rank and on 2 gloo ranks (a different
-    count each step), with a fixed count of 4 and with one whole-batch micro-batch: the reduced gradients, the
+    """Two RL steps (the second's rollouts ~2x longer) with a token budget on 1 rank and on 2 gloo ranks (ZeRO-0 and
+    ZeRO-3; a different count each step), with a fixed count of 4 and with one whole-batch micro-batch: the reduced gradients, the
     weights after each step and the pi_old log-probs (recorded through the same micro-batches) agree.
 
     Tolerances (fp32): the gradient is the same sum in another order, so each tensor agrees within 1e-5 of its
@@ -132,13 +132,13 @@ def test_budget_update_equals_fixed_count_and_whole_batch(ray_session, compose, 
     initial = {n: p.detach() for n, p in load_model(path).named_parameters()}
     steps = [_rollouts(4, 6, 40, seed=1), _rollouts(4, 30, 90, seed=2)]  # 16 rollouts each, the second ~2x longer
     advantages = [torch.tensor([(-1.0) ** i * (0.3 + 0.1 * (i % 5)) for i in range(16)]) for _ in steps]
-    runs = {  # name: (world_size, micro_batches_per_rank, max_tokens)
-        "whole": (1, 1, None), "fixed_1rank": (1, 4, None), "budget_1rank": (1, 1, 200),
-        "budget_2ranks": (2, 1, 200),
+    runs = {  # name: (world_size, micro_batches_per_rank, max_tokens, ZeRO stage)
+        "whole": (1, 1, None, 0), "fixed_1rank": (1, 4, None, 0), "budget_1rank": (1, 1, 200, 0),
+        "budget_2ranks": (2, 1, 200, 0), "budget_2ranks_zero3": (2, 1, 200, 3),
     }
     results = {}
-    for name, (world, per_rank, budget) in runs.items():
-        group = TrainerGroup(world, path, "sdpa", TRAINER, micro_batches_per_rank=per_rank)
+    for name, (world, per_rank, budget, stage) in runs.items():
+        group = TrainerGroup(world, path, "sdpa", {**TRAINER, "zero_stage": stage}, micro_batches_per_rank=per_rank)
         counts, grads, weights, old = [], [], [], []
         for rollouts, adv in zip(steps, advantages):
             updates = pack_updates(rollouts, world * per_rank, 1, share_prompt=False, pad_token_id=0, max_tokens=budget,
@@ -157,6 +157,7 @@ def test_budget_update_equals_fixed_count_and_whole_batch(ray_session, compose, 
     assert results["whole"][0] == [1, 1] and results["fixed_1rank"][0] == [4, 4]
     one, two = results["budget_1rank"][0], results["budget_2ranks"][0]
     assert 2 <= one[0] < one[1] and 2 <= two[0] < two[1] and all(c % 2 == 0 for c in two), (one, two)
+    assert results["budget_2ranks_zero3"][0] == two
     _, ref_grads, ref_weights, ref_old = results["whole"]
     for step, (rg, rw) in enumerate(zip(ref_grads, ref_weights)):
         moved = max((rw[n] - (initial[n] if step == 0 else ref_weights[step - 1][n])).abs().max().item() for n in rw)
