@@ -109,6 +109,11 @@ def _scores(tokenizer, completions: list[list[int]], answers: list[str], prefix:
     return metrics, texts, correct
 
 
+def eval_prompts(tokenizer, rows: list[dict]) -> list[str]:
+    """The generation prompt of each held-out row (its prompt messages in the chat template)."""
+    return [generation_prompt(tokenizer, prompt_messages(row)) for row in rows]
+
+
 def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 64, samples: int = 0,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, scorer: AnswerScorer | None = None,
              precision: str = "auto") -> dict:
@@ -116,12 +121,46 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size
     eval/truncated_fraction, eval/tokens_per_correct. With ``samples`` = k > 0 the same over k completions
     per problem sampled at ``temperature`` / ``top_p``, under eval/sampled_* (accuracy = pass@1 averaged over k).
     Generation runs in ``trainer.precision``'s evaluation dtype (``precision``): bf16 autocast on a GPU, fp32 on CPU."""
-    prompts = [generation_prompt(tokenizer, prompt_messages(row)) for row in rows]
+    prompts = eval_prompts(tokenizer, rows)
     device = next(model.parameters()).device
     with autocast(device, component_dtype("evaluation", precision, device)):  # bf16 on a GPU, fp32 on CPU
         completions = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
         sampled = generate_sampled(model, tokenizer, prompts, samples, max_new_tokens, temperature, top_p, batch_size,
                                    seed) if samples > 0 else None
+    return score_completions(tokenizer, rows, prompts, completions, sampled, samples, scorer)
+
+
+def pool_completions(pool, tokenizer, prompts: list[str], samples: int, max_new_tokens: int, temperature: float,
+                     top_p: float, batch_size: int, seed: int) -> list[list[int]]:
+    """``samples`` completions of each prompt (prompt 0's first) from a rollout pool (train/workers/actors.py
+    ``RolloutPool``: its workers' ``generate``, the KV-cache loop whose temperature 0 is ``generate``'s greedy
+    decoding), read off as ``generate_greedy`` / ``generate_sampled`` read theirs. ``batch_size`` prompts x samples
+    per worker and call, as the driver's batches; each call is seeded by ``seed`` + its first prompt's index."""
+    per_call = max(1, batch_size // max(samples, 1)) * len(pool.workers)
+    completions = []
+    for start in range(0, len(prompts), per_call):
+        rollouts = pool.generate(prompts[start : start + per_call], samples, seed=seed + start,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        completions += [cut_at_eos(r.response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)[0] for r in rollouts]
+    return completions
+
+
+def evaluate_on_pool(pool, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 64, samples: int = 0,
+                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, scorer: AnswerScorer | None = None) -> dict:
+    """``evaluate`` with the generation on a rollout pool's workers (their devices, the rollout precision, the
+    weights they hold), the scoring here: the same metrics. The greedy completions are those of ``evaluate`` on a
+    model with the workers' weights; the sampled ones come from the workers' own seeded generators."""
+    prompts = eval_prompts(tokenizer, rows)
+    completions = pool_completions(pool, tokenizer, prompts, 1, max_new_tokens, 0.0, 1.0, batch_size, seed)
+    sampled = pool_completions(pool, tokenizer, prompts, samples, max_new_tokens, temperature, top_p, batch_size,
+                               seed) if samples > 0 else None
+    return score_completions(tokenizer, rows, prompts, completions, sampled, samples, scorer)
+
+
+def score_completions(tokenizer, rows: list[dict], prompts: list[str], completions: list[list[int]],
+                      sampled: list[list[int]] | None = None, samples: int = 0, scorer: AnswerScorer | None = None) -> dict:
+    """The metrics of ``evaluate`` from the greedy ``completions`` (one per row) and the ``sampled`` ones (``samples``
+    per row, row 0's first; None: no eval/sampled_*), and the first rows as samples for the log."""
     metrics, texts, correct = _scores(tokenizer, completions, [row["answer"] for row in rows], "eval/", scorer)
     if sampled is not None:
         metrics.update(_scores(tokenizer, sampled, [row["answer"] for row in rows for _ in range(samples)], "eval/sampled_",

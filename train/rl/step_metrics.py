@@ -33,11 +33,12 @@ MEAN_STATS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "clip_frac", 
 
 
 def step_metrics(step: int, batch, rewards: torch.Tensor, advantages: torch.Tensor, stats: dict, *,
-                 optimizer_steps: int, world_size: int, micro_batches_per_rank: int, lr: float, tokens: int,
+                 optimizer_steps: int, world_size: int, micro_batches: int, lr: float, tokens: int,
                  seconds: dict, worker_restarts: int, kl_in_reward: bool) -> dict:
     """The metrics of step ``step`` (1-based, after its update). ``batch``: the step's rollouts (train/rl/rounds.py
     StepBatch); ``rewards``: after any KL folding (``batch.rewards`` is the task reward); ``stats``: the trainer
-    ranks' sums over micro-batches and optimizer steps."""
+    ranks' sums over micro-batches and optimizer steps; ``micro_batches``: the micro-batches the update ran, over all
+    ranks, PPO mini-batches and epochs (a fixed count, or what trainer.max_tokens_per_micro_batch needed)."""
     rollouts = batch.rollouts
     lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float)
     oldest = min(r.policy_version for r in rollouts)
@@ -62,6 +63,7 @@ def step_metrics(step: int, batch, rewards: torch.Tensor, advantages: torch.Tens
         "train/advantage_abs_mean": advantages.abs().mean().item(),
         "train/loss": stats.get("loss_sum", 0.0) / optimizer_steps,
         "train/optimizer_steps": optimizer_steps,
+        "train/micro_batches": micro_batches,
         "train/entropy": stats.get("entropy_sum", 0.0) / max(stats.get("tokens", 1.0), 1.0),
         "train/grad_norm": stats.get("grad_norm", float("nan")) / per_rank_step,
         "train/lr": lr,
@@ -70,7 +72,7 @@ def step_metrics(step: int, batch, rewards: torch.Tensor, advantages: torch.Tens
     }
     for key in MEAN_STATS:  # means over micro-batches
         if key in stats:
-            metrics[f"train/{key}"] = stats[key] / (per_rank_step * micro_batches_per_rank)
+            metrics[f"train/{key}"] = stats[key] / micro_batches
     return metrics
 
 

@@ -329,6 +329,7 @@ def check_rl(cfg: DictConfig) -> None:
     a = cfg.algorithm
     check_rl_group_size(a)
     check_rl_policy_options(cfg)
+    check_micro_batch_budget(t)
     _require(a.kl.placement in ("loss", "reward"), f"algorithm.kl.placement={a.kl.placement!r} must be loss or reward")
     _require(a.kl.beta >= 0, f"algorithm.kl.beta={a.kl.beta} must be >= 0")
     if a.kl.placement == "reward" and a.kl.beta > 0:
@@ -403,3 +404,13 @@ def check_rl(cfg: DictConfig) -> None:
     )
     _require(cfg.logger.mode in ("offline", "online", "disabled"), f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")
     check_backend(cfg.model.attn_backend, "cuda" if on_gpu else "cpu")
+
+
+def check_micro_batch_budget(t: DictConfig) -> None:
+    """trainer.max_tokens_per_micro_batch (null = a fixed count) must hold the longest document, a whole row."""
+    budget = t.get("max_tokens_per_micro_batch")
+    if budget is None:
+        return
+    _require(isinstance(budget, int) and budget >= t.row_tokens,
+             f"trainer.max_tokens_per_micro_batch={budget} must be an integer >= trainer.row_tokens={t.row_tokens} (a "
+             "micro-batch must hold the longest prompt + response); raise it, lower trainer.row_tokens, or set it to null")

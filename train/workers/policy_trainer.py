@@ -205,7 +205,8 @@ class PolicyTrainer:
 
     def train_step(self, batches: list[PackedBatch], loss_fn: Callable, extras: list[dict],
                    keep_gradients: bool = False) -> dict:
-        """One optimizer step over this rank's micro-batches.
+        """One optimizer step over this rank's micro-batches (any count, the same on every rank: DeepSpeed's
+        gradient accumulation is set to it).
 
         ``loss_fn(logprobs, entropy, batch, extra) -> (loss, stats)`` returns the micro-batch's share of the
         global loss (shape []); it is rescaled to undo DeepSpeed's averaging, so the update equals one step on
@@ -213,13 +214,17 @@ class PolicyTrainer:
         A ``loss_fn`` with ``needs_entropy = False`` gets ``entropy=None`` (saves a pass over the vocabulary).
         ``keep_gradients`` keeps the full reduced gradient of the step (before clipping) for ``gradients()``.
         """
-        if len(batches) != self.engine.gradient_accumulation_steps():
-            raise ValueError(f"rank {self.rank} got {len(batches)} micro-batches, expected {self.engine.gradient_accumulation_steps()}")
-        scale = self.world_size * self.engine.gradient_accumulation_steps()
+        if not batches:
+            raise ValueError(f"rank {self.rank} got no micro-batches for an optimizer step")
+        if len(batches) != self.engine.gradient_accumulation_steps():  # a token budget sets the count per step
+            self.engine.set_train_batch_size(self.world_size * len(batches))  # DeepSpeed's gas = len(batches)
+        scale = self.world_size * len(batches)
         with_entropy = getattr(loss_fn, "needs_entropy", True)  # a diagnostic the SFT loss does without
         totals: dict[str, float] = {}
         grad_norm = None
         for index, (batch, extra) in enumerate(zip(batches, extras)):
+            # the boundary from this step's count, not DeepSpeed's micro-step counter (off once the count changed)
+            self.engine.set_gradient_accumulation_boundary(index == len(batches) - 1)
             batch = batch.to(self.device)
             logprobs, entropy = token_logprobs(self.engine, batch, self.attn_backend, with_entropy=with_entropy)
             loss_sum, stats = loss_fn(logprobs, entropy, batch, {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in extra.items()})
