@@ -82,6 +82,7 @@ class SFTRanks:
         return {
             "train/loss": sum(s["loss_sum"] for s in stats),  # each micro-batch's share of the step's mean
             "train/grad_norm": stats[0]["grad_norm"],
+            "train/skipped_steps": stats[0]["skipped"],  # a non-finite loss or gradient: not applied, lr held
             "train/lr": lr,
             "train/loss_tokens": step_loss_tokens,
             "perf/tokens": tokens,
