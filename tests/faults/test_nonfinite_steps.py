@@ -97,3 +97,76 @@ def test_a_nonfinite_step_on_one_rank_is_skipped_on_all_and_the_next_step_trains
     peak = TRAINER["lr"]
     assert lrs == pytest.approx([peak, peak, peak, peak * (0.5 + 0.25 * (1 + math.cos(math.pi / 4)))], rel=1e-12)
     assert versions == [2, 2] and adam_steps and set(adam_steps) == {2.0}  # AdamW counted the applied steps only
+
+
+class NaNFromCall:
+    """The SFT ``loss_class`` hook: the token cross-entropy, times NaN from the ``first_bad``-th step on (the
+    recipe builds one loss per step, in the driver)."""
+
+    def __init__(self, first_bad: int):
+        self.first_bad, self.calls = first_bad, 0
+
+    def __call__(self, step_loss_tokens):
+        from train.sft.loss import TokenCrossEntropy
+
+        self.calls += 1
+        loss = TokenCrossEntropy(step_loss_tokens)
+        return partial(_times_nan, loss) if self.calls >= self.first_bad else loss
+
+
+def _times_nan(loss, *args):
+    value, stats = loss(*args)
+    return value * float("nan"), stats
+
+
+def test_sft_stops_after_max_bad_steps_naming_the_last_good_checkpoint(compose, tmp_path):
+    import json
+
+    from train.__main__ import is_user_error, user_message
+    from train.sft.recipe import run
+    from train.workers.actors import TrainerFailure
+
+    run_dir = tmp_path / "sft"
+    base = ["experiment=quickstart", "trainer.max_steps=6", "trainer.save_every=2", "trainer.max_bad_steps=2",
+            "trainer.eval_every=0", "trainer.resume=null", "trainer.warmup_steps=0", "data.synthetic.eval.num_samples=2",
+            "rollout.max_new_tokens=4", "trainer.row_tokens=256", "data.max_seq_len=256", f"run_dir={run_dir}",
+            "cluster.ray_num_cpus=2"]
+    try:
+        with pytest.raises(TrainerFailure) as raised:
+            run(compose(base), loss_class=NaNFromCall(first_bad=3))
+    finally:
+        ray.shutdown()
+    message = user_message(raised.value)
+    assert is_user_error(raised.value) and "\n" not in message
+    assert message.startswith("trainer.max_bad_steps=2: steps 3-4 in a row had a non-finite loss or gradient and were skipped")
+    assert f"The run stopped after step 4; the last good checkpoint is {run_dir}/checkpoints/step_2." in message
+    assert message.endswith(f"rerun the same command with run_dir={run_dir} and trainer.resume=auto to continue from it.")
+    logged = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/skipped_steps" in r}
+    assert [logged[s]["train/skipped_steps"] for s in (1, 2, 3, 4)] == [0.0, 0.0, 1.0, 1.0]
+    assert "train/loss" not in logged[3]  # NaN is not logged
+    assert logged[4]["train/lr"] == logged[3]["train/lr"] < logged[2]["train/lr"]  # the skipped step 3 held the lr
+
+
+def test_rl_stops_after_max_bad_steps(compose, tmp_path, monkeypatch):
+    """The RL loop counts skipped steps the same way (an objective whose loss is NaN from the first step). A
+    skipped step's checkpoint (step 1, ``save_every=1``) holds the unchanged weights: a good one to resume from."""
+    from tests.train.rl.test_rl import FAST_RL
+    from train.rl.recipe import run
+    from train.workers.actors import TrainerFailure
+
+    monkeypatch.syspath_prepend(FAULTY)
+    monkeypatch.setenv("PYTHONPATH", FAULTY)  # the trainer ranks unpickle the objective from this folder
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    run_dir = tmp_path / "rl"
+    cfg = compose(FAST_RL + ["trainer.max_steps=4", "trainer.max_bad_steps=2", "trainer.eval_at_start=false",
+                             "algorithm.loss._target_=user_losses.nan_objective", f"run_dir={run_dir}"])
+    try:
+        with pytest.raises(TrainerFailure, match=r"^trainer\.max_bad_steps=2: steps 1-2 in a row .* The run stopped "
+                                                 r"after step 2; the last good checkpoint is .*step_1\..*trainer\.resume=auto"):
+            run(cfg)
+    finally:
+        ray.shutdown()
+    import json
+
+    logged = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/skipped_steps" in r]
+    assert [(r["step"], r["train/skipped_steps"]) for r in logged] == [(1, 1.0), (2, 1.0)]

@@ -118,8 +118,10 @@ def run(cfg: DictConfig, rank_options: list[dict] | None = None, loss_class=Toke
     check_sft(cfg)
     check_fault_limits(cfg)
     curriculum.check(cfg)
-    from train.workers.actors import TrainerFailure  # Ray's import stays out of module import
+    # here, not at the top: importing the recipe does not import Ray
+    from train.workers.actors import TrainerFailure
     from train.workers.run_stops import BadSteps, stop_message
+
     run_dir = Path(cfg.run_dir)
     device = resolve_device(cfg.cluster.device)
     dtype = resolve_precision(cfg.trainer.precision, device)
