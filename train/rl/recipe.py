@@ -32,10 +32,10 @@ def run(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> 
     """Train ``cfg``; ``on_step(step, metrics)`` is called after every step (train/rl/loop.py)."""
     check_rl(cfg)
     check_fault_limits(cfg)
+    from rewards.registry import RewardFunctionError
     from train.rl.loop import RLLoop
     from train.rl.setup import RLSetup
     from train.rl.startup import start_actors
-    from rewards.registry import RewardFunctionError
     from train.workers.actors import TrainerFailure
     from train.workers.run_stops import stop_message
 
@@ -46,16 +46,17 @@ def run(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> 
     setup = RLSetup.from_config(cfg)
     hf_model = load_model(setup.model_path)  # the driver's copy, only for HF-format checkpoints and evaluation
     check_lora_targets(hf_model, cfg.model.get("lora"))  # before any actor starts
-    with ExitStack() as stack:
-        actors = stack.enter_context(start_actors(cfg, setup.start_path, setup.model_path, setup.driver_rewards,
-                                                  setup.algorithm.kl_beta))
-        logger = RunLogger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
-        stack.callback(logger.finish)
-        loop = RLLoop(cfg, setup, actors, logger, hf_model, on_step)
-        try:
+    loop = None
+    try:  # a failure in start-up (a trainer rank stuck past cluster.actor_timeout_s) names the way back too
+        with ExitStack() as stack:
+            actors = stack.enter_context(start_actors(cfg, setup.start_path, setup.model_path, setup.driver_rewards,
+                                                      setup.algorithm.kl_beta))
+            logger = RunLogger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
+            stack.callback(logger.finish)
+            loop = RLLoop(cfg, setup, actors, logger, hf_model, on_step)
             summary = loop.run(setup.resume_from)
-        except (TrainerFailure, RewardFunctionError) as err:
-            raise type(err)(stop_message(err, loop.step_count, run_dir)) from err
+    except (TrainerFailure, RewardFunctionError) as err:
+        raise type(err)(stop_message(err, loop.step_count if loop is not None else None, run_dir)) from err
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics:    {logger.metrics_path}")
     if "eval/accuracy" in summary:

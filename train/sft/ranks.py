@@ -53,7 +53,8 @@ class SFTRanks:
                        "lora": OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.get("lora") else None}
         try:
             self.group = TrainerGroup(self.world_size, str(model_path), cfg.model.attn_backend, trainer_cfg,
-                                      self.grad_accum, cfg.seed, rank_options, num_threads=rank_threads(cfg))
+                                      self.grad_accum, cfg.seed, rank_options, num_threads=rank_threads(cfg),
+                                      timeout_s=cfg.cluster.get("actor_timeout_s", 1800))
         except BaseException:
             self.remove_placement()
             raise

@@ -40,14 +40,15 @@ class BadSteps:
                 "raise trainer.max_bad_steps")
 
 
-def stopped_at(step_count: int, run_dir: Path) -> str:
-    """Where a failed run stands: its last finished step and its last good checkpoint."""
+def stopped_at(step_count: int | None, run_dir: Path) -> str:
+    """Where a failed run stands: its last finished step (None: it stopped while starting) and its last good
+    checkpoint."""
     last = checkpoint.latest(run_dir)
-    return (f"The run stopped after step {step_count}; the last good checkpoint is "
-            f"{last if last else 'none (no checkpoint was saved yet)'}.")
+    where = "during start-up" if step_count is None else f"after step {step_count}"
+    return f"The run stopped {where}; the last good checkpoint is {last if last else 'none (no checkpoint was saved yet)'}."
 
 
-def stop_message(err: BaseException, step_count: int, run_dir: Path) -> str:
+def stop_message(err: BaseException, step_count: int | None, run_dir: Path) -> str:
     """``err``'s message, where the run stopped, and how to continue (the same command with trainer.resume=auto)."""
     logs = (" (the trainer rank's own log is in Ray's session logs, /tmp/ray/session_latest/logs/worker-*.err)"
             if isinstance(err, TrainerFailure) and not isinstance(err, NonFiniteSteps) else "")
