@@ -205,7 +205,8 @@ def process_name(proc: psutil.Process, driver: int) -> str:
         title = " ".join(proc.cmdline())[:80]
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "?"
-    return title.split(" ")[0] if title.startswith("ray::") else proc.name()
+    # an actor's title carries the method it runs (ray::RolloutWorker.generate): keyed by the actor class alone
+    return title.split(" ")[0].split(".")[0] if title.startswith("ray::") else proc.name()
 
 
 def sample(driver: psutil.Process) -> dict[str, dict]:
