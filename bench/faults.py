@@ -5,6 +5,7 @@
     python bench/faults.py kill --recipe sft --steps 300       # SFT with the easy-to-hard curriculum
     python bench/faults.py soak --recipe rl --steps 300        # resident memory and open files every 10 steps
     python bench/faults.py soak --recipe sft --steps 3000
+    python bench/faults.py head --recipe rl --steps 6          # the Ray head killed after step 2, then resume
 
 kill: runs the experiment once uninterrupted (the reference) and once with ``trainer.resume=auto`` killed by
 SIGKILL of the driver process at ``--kills`` moments (seeded by ``--seed``): each a random delay (up to 1.5 of
@@ -21,6 +22,10 @@ soak: runs the experiment and, every ``--every`` steps (read from metrics.jsonl)
 process, RSS after warm-up (the first quarter of the run) and at the end, the growth in percent, and the open-file
 counts, writes them to ``<out>/soak_<recipe>.json`` and plots RSS over steps to ``<out>/soak_<recipe>.png``. The
 exit status is 1 when some process grew by more than ``--max-growth`` percent after warm-up or its open files grew.
+
+head: an RL run on a Ray head started here (``cluster.ray_address``) loses the head (every process of the node
+SIGKILLed) after ``--kill-after`` checkpointed steps; prints how the driver ended, checks the last checkpoint
+loads and resumes it on a fresh head to the end.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ RL_OVERRIDES = ["experiment=quickstart_rl_bingo", "sampler=band", "data.syntheti
 SFT_OVERRIDES = ["experiment=curriculum_quickstart", "curriculum.eval.easy.synthetic.num_samples=20",
                  "curriculum.eval.hard.synthetic.num_samples=20", "logger.mode=disabled"]
 # kill: frequent checkpoints and evaluations, so kills land in saves and evals too; soak: a long run's settings
-EVERY = {("kill", "rl"): (4, 2), ("kill", "sft"): (50, 25), ("soak", "rl"): (50, 50), ("soak", "sft"): (500, 500)}
+EVERY = {("kill", "rl"): (4, 2), ("kill", "sft"): (50, 25), ("soak", "rl"): (50, 50), ("soak", "sft"): (500, 500),
+         ("head", "rl"): (0, 1)}
 
 
 def experiment(args, run_dir: Path) -> list[str]:
@@ -199,7 +205,8 @@ def process_name(proc: psutil.Process, driver: int) -> str:
         title = " ".join(proc.cmdline())[:80]
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "?"
-    return title.split(" ")[0] if title.startswith("ray::") else proc.name()
+    # an actor's title carries the method it runs (ray::RolloutWorker.generate): keyed by the actor class alone
+    return title.split(" ")[0].split(".")[0] if title.startswith("ray::") else proc.name()
 
 
 def sample(driver: psutil.Process) -> dict[str, dict]:
@@ -258,6 +265,86 @@ def soak_run(args) -> int:
     return 0 if ok else 1
 
 
+def head_run(args) -> int:
+    """Lose the Ray head mid-run: RL on a one-node Ray cluster started here (tests/loopback_cluster.py's node_a, a
+    loopback address) with ``cluster.ray_address``; once ``--kill-after`` steps are checkpointed every process of
+    the head node is SIGKILLed (GCS, raylet, the actors on it). Reports how the driver ends (seconds, status, its
+    last log lines), checks that the last checkpoint loads, then starts a fresh head and resumes with
+    ``trainer.resume=auto`` to the end."""
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, str(REPO))
+    from tests.loopback_cluster import (
+        NODES,
+        LoopbackCluster,
+        _listening,
+        _start_node,
+        _stop,
+        free_port,
+    )
+    from train.run import checkpoint
+
+    out = Path(args.out)
+    run_dir, log = out / "head_rl", out / "head_rl.log"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.unlink(missing_ok=True)
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the driver (a child) joins the cluster started here
+
+    def start_head() -> LoopbackCluster:
+        ip = NODES["node_a"]
+        port = free_port(ip)
+        cluster = LoopbackCluster(f"{ip}:{port}", tempfile.mkdtemp(prefix="rphead_", dir="/tmp"))
+        _start_node(cluster, "node_a", port)
+        deadline = time.monotonic() + 300
+        while not _listening(ip, port):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the head did not start:\n{cluster.log('node_a')}")
+            time.sleep(0.5)
+        return cluster
+
+    overrides = experiment(args, run_dir) + ["trainer.resume=null"]
+    cluster = start_head()
+    proc = run_command(overrides + [f"cluster.ray_address={cluster.address}"], log=log)
+    while proc.poll() is None and not (checkpoint.latest(run_dir) and last_step(run_dir) >= args.kill_after):
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        print(f"the run ended (status {proc.returncode}) before step {args.kill_after} was checkpointed: see {log}")
+        _stop(cluster)
+        return 1
+    step, saved = last_step(run_dir), checkpoint.latest(run_dir)
+    head = psutil.Process(cluster.processes["node_a"].pid)
+    node = [head, *head.children(recursive=True)]
+    for process in node:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    killed = time.monotonic()
+    print(f"killed the Ray head ({len(node)} processes) after step {step}; last checkpoint {saved}")
+    try:
+        status = proc.wait(timeout=args.head_wait)
+        ended = f"the driver exited {time.monotonic() - killed:.0f} s later with status {status}"
+    except subprocess.TimeoutExpired:
+        ended = f"the driver was still running {args.head_wait} s later (killed now)"
+        kill_tree(proc)
+    _stop(cluster)
+    tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-6:]
+    print(ended + "; its last log lines:\n  " + "\n  ".join(line[:300] for line in tail))
+    last = checkpoint.latest(run_dir)
+    state = checkpoint.load_trainer_state(last)
+    print(f"last checkpoint {last} (step {state['step']}) loads")
+    cluster = start_head()
+    try:
+        resumed = run_command([*overrides[:-1], "trainer.resume=auto", f"cluster.ray_address={cluster.address}"],
+                              log=log).wait()
+    finally:
+        _stop(cluster)
+    final = last_step(run_dir)
+    print(f"resumed on a fresh head: status {resumed}, reached step {final} of {args.steps}")
+    return 0 if resumed == 0 and final == args.steps else 1
+
+
 def plot(samples, path: Path, title: str) -> None:
     import matplotlib
 
@@ -277,7 +364,7 @@ def plot(samples, path: Path, title: str) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["kill", "soak"])
+    parser.add_argument("mode", choices=["kill", "soak", "head"])
     parser.add_argument("--recipe", choices=["rl", "sft"], default="rl")
     parser.add_argument("--steps", type=int, default=None, help="steps of the run (kill: rl 12, sft 300; soak: rl 300, "
                                                                 "sft 3000)")
@@ -288,11 +375,14 @@ def parse_args(argv=None):
     parser.add_argument("--tolerance", type=float, default=1e-6, help="kill: largest metric/weight difference allowed")
     parser.add_argument("--every", type=int, default=10, help="soak: steps between samples")
     parser.add_argument("--max-growth", type=float, default=5.0, help="soak: RSS growth (%%) allowed after warm-up")
+    parser.add_argument("--kill-after", type=int, default=2, help="head: steps checkpointed before the head is killed")
+    parser.add_argument("--head-wait", type=float, default=300, help="head: seconds the driver is given to end")
     parser.add_argument("--out", default="runs/faults")
     parser.add_argument("overrides", nargs="*", help="extra python -m train overrides")
     args = parser.parse_intermixed_args(argv)  # python -m train overrides may follow the options
     if args.steps is None:
-        args.steps = {("kill", "rl"): 12, ("kill", "sft"): 300, ("soak", "rl"): 300, ("soak", "sft"): 3000}[
+        args.steps = {("kill", "rl"): 12, ("kill", "sft"): 300, ("soak", "rl"): 300, ("soak", "sft"): 3000,
+                      ("head", "rl"): 6, ("head", "sft"): 6}[
             (args.mode, args.recipe)]
     if args.steps < 1 or args.kills < 0 or not math.isfinite(args.tolerance):
         parser.error("--steps must be >= 1, --kills >= 0, --tolerance finite")
@@ -306,6 +396,10 @@ def main(argv=None) -> int:
         (Path(args.out) / f"kill_{args.recipe}_async{args.async_steps}_seed{args.seed}").mkdir(parents=True,
                                                                                             exist_ok=True)
         return kill_run(args)
+    if args.mode == "head":
+        if args.recipe != "rl":
+            raise SystemExit("head: only --recipe rl")
+        return head_run(args)
     return soak_run(args)
 
 

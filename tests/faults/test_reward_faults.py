@@ -122,7 +122,7 @@ def test_a_wait_past_its_timeout_stops_the_busy_workers_and_says_so(ray_session)
 
     shares = Shares(workers, 4, 2, lambda w, lo, hi: w.work.remote(0.0 if lo == 0 else 600.0), replace, 3, "sleepers")
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"^sleepers: no result within 2 s; the busy workers were stopped"):
+    with pytest.raises(TimeoutError, match=r"^sleepers 1: no result within 2 s; the busy workers were stopped"):
         shares.results(timeout_s=2.0)
     assert time.monotonic() - start < 30.0
     assert replaced == [1]  # only the busy one

@@ -21,6 +21,7 @@ from train.rl.rounds import Rounds
 from train.rl.step_metrics import PhaseTimer, sample_table, skipped_step_metrics, step_metrics
 from train.rl.update_batches import pack_updates
 from train.rl.weight_sync import WeightSync
+from train.workers.run_stops import BadSteps
 
 
 class RLLoop:
@@ -43,6 +44,7 @@ class RLLoop:
         self.max_tokens = self.t_cfg.get("max_tokens_per_micro_batch")
         self.micro_batches = self.t_cfg.world_size * (1 if self.max_tokens else self.t_cfg.micro_batches_per_rank)
         self.step_count, self.weights, self.history = 0, None, []
+        self.bad_steps = BadSteps(self.t_cfg.get("max_bad_steps", 3))  # skipped (non-finite) steps in a row
 
     # -- one step ------------------------------------------------------------------------------------------------
     def step(self) -> dict:
@@ -77,6 +79,7 @@ class RLLoop:
                                micro_batches=self.t_cfg.ppo_epochs * sum(len(u.micro) for u in updates),
                                lr=lr, tokens=sum(u.tokens for u in updates), seconds=self.timer.seconds,
                                worker_restarts=self.actors.rollout_pool.restarts, kl_in_reward=algorithm.kl_reward is not None)
+        metrics["train/skipped_steps"] = stats.get("skipped", 0.0) / self.t_cfg.world_size  # non-finite, not applied
         if hasattr(self.setup.sampler, "metrics"):
             metrics.update(self.setup.sampler.metrics())
         self.logger.log(metrics, step + 1)
@@ -102,6 +105,7 @@ class RLLoop:
                     self.on_step(step, metrics)
                 if "train/skipped_update" in metrics:
                     continue
+                self.bad_steps.record(step, metrics["train/skipped_steps"])
                 self.history.append(metrics)
                 progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", len=f"{metrics['rollout/response_length_mean']:.0f}")
                 if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < t_cfg.max_steps:

@@ -24,19 +24,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.models.model_zoo import load_model
 from train.models.runtime import seed_everything
-from train.run import checkpoint
-from train.run.config_checks import check_lora_targets, check_rl
+from train.run.config_checks import check_fault_limits, check_lora_targets, check_rl
 from train.run.run_logger import RunLogger
 
 
 def run(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train ``cfg``; ``on_step(step, metrics)`` is called after every step (train/rl/loop.py)."""
     check_rl(cfg)
+    check_fault_limits(cfg)
+    from rewards.registry import RewardFunctionError
     from train.rl.loop import RLLoop
     from train.rl.setup import RLSetup
     from train.rl.startup import start_actors
-    from rewards.registry import RewardFunctionError
     from train.workers.actors import TrainerFailure
+    from train.workers.run_stops import stop_message
 
     run_dir = Path(cfg.run_dir)
     if cfg.cluster.get("num_threads"):  # the driver's own torch work: held-out evaluation, checkpoint conversion
@@ -45,29 +46,20 @@ def run(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> 
     setup = RLSetup.from_config(cfg)
     hf_model = load_model(setup.model_path)  # the driver's copy, only for HF-format checkpoints and evaluation
     check_lora_targets(hf_model, cfg.model.get("lora"))  # before any actor starts
-    with ExitStack() as stack:
-        actors = stack.enter_context(start_actors(cfg, setup.start_path, setup.model_path, setup.driver_rewards,
-                                                  setup.algorithm.kl_beta))
-        logger = RunLogger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
-        stack.callback(logger.finish)
-        loop = RLLoop(cfg, setup, actors, logger, hf_model, on_step)
-        try:
+    loop = None
+    try:  # a failure in start-up (a trainer rank stuck past cluster.actor_timeout_s) names the way back too
+        with ExitStack() as stack:
+            actors = stack.enter_context(start_actors(cfg, setup.start_path, setup.model_path, setup.driver_rewards,
+                                                      setup.algorithm.kl_beta))
+            logger = RunLogger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
+            stack.callback(logger.finish)
+            loop = RLLoop(cfg, setup, actors, logger, hf_model, on_step)
             summary = loop.run(setup.resume_from)
-        except (TrainerFailure, RewardFunctionError) as err:
-            logs = (" (the trainer rank's own log is in Ray's session logs, /tmp/ray/session_latest/logs/worker-*.err)"
-                    if isinstance(err, TrainerFailure) else "")
-            raise type(err)(f"{err}. {stopped_at(loop.step_count, run_dir)} Fix the cause{logs}, then rerun the same "
-                            f"command with run_dir={run_dir} and trainer.resume=auto to continue from it.") from err
+    except (TrainerFailure, RewardFunctionError) as err:
+        raise type(err)(stop_message(err, loop.step_count if loop is not None else None, run_dir)) from err
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics:    {logger.metrics_path}")
     if "eval/accuracy" in summary:
         start = summary["initial_eval"].get("eval/accuracy")
         print(f"held-out exact match: {summary['eval/accuracy']:.3f}" + (f" (start {start:.3f})" if start is not None else ""))
     return summary
-
-
-def stopped_at(step_count: int, run_dir: Path) -> str:
-    """Where a failed run stands: its last finished step and its last good checkpoint."""
-    last = checkpoint.latest(run_dir)
-    return (f"The run stopped after step {step_count}; the last good checkpoint is "
-            f"{last if last else 'none (no checkpoint was saved yet)'}.")

@@ -78,12 +78,14 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
         lora = OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.get("lora") else None
         trainer_path = model_path if lora_enabled(lora) else start_path
         trainer = TrainerGroup(t_cfg.world_size, trainer_path, cfg.model.attn_backend, {**OmegaConf.to_container(t_cfg), "lora": lora},
-                               t_cfg.micro_batches_per_rank, cfg.seed, places.trainer, num_threads=trainer_threads)
+                               t_cfg.micro_batches_per_rank, cfg.seed, places.trainer, num_threads=trainer_threads,
+                               timeout_s=cfg.cluster.get("actor_timeout_s", 1800))
         stack.callback(_stop, "the trainer group", trainer.shutdown)
         precision = t_cfg.get("precision", "auto")
         vllm = vllm_settings(r_cfg.get("vllm"), cfg.cluster.placement) if r_cfg.backend == "vllm" else None
         rollout_pool = RolloutPool(r_cfg.num_workers, start_path, cfg.seed, places.rollout, backend=r_cfg.backend,
-                                   num_threads=rollout_threads, precision=precision, vllm_settings=vllm)
+                                   num_threads=rollout_threads, precision=precision, vllm_settings=vllm,
+                                   timeout_s=cfg.cluster.get("actor_timeout_s", 1800))
         stack.callback(_stop, "the rollout workers", rollout_pool.shutdown)
         sync = sync_method(r_cfg.get("weight_sync") or "auto", torch.cuda.is_available(), cfg.cluster.placement,
                            r_cfg.backend)
@@ -100,6 +102,6 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
         if momentum_workers:  # AAPO: the momentum model starts as the initial policy
             momentum_pool = RolloutPool(r_cfg.num_workers, model_path, cfg.seed + 7_919, places.momentum,
                                         backend=r_cfg.backend, num_threads=rollout_threads, precision=precision,
-                                        vllm_settings=vllm)
+                                        vllm_settings=vllm, timeout_s=cfg.cluster.get("actor_timeout_s", 1800))
             stack.callback(_stop, "the momentum rollout workers", momentum_pool.shutdown)
         yield RLActors(trainer, rollout_pool, momentum_pool, reference, rewards, rewards_in_workers=driver_rewards is None)

@@ -414,3 +414,24 @@ def check_micro_batch_budget(t: DictConfig) -> None:
     _require(isinstance(budget, int) and budget >= t.row_tokens,
              f"trainer.max_tokens_per_micro_batch={budget} must be an integer >= trainer.row_tokens={t.row_tokens} (a "
              "micro-batch must hold the longest prompt + response); raise it, lower trainer.row_tokens, or set it to null")
+=======
+def check_max_bad_steps(t: DictConfig) -> None:
+    """``trainer.max_bad_steps``: skipped (non-finite) steps in a row before the run stops (train/workers/run_stops.py)."""
+    limit = t.get("max_bad_steps", 3)
+    _require(limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1),
+             f"trainer.max_bad_steps={limit} must be an integer >= 1 (non-finite steps in a row before the run stops) "
+             "or null (never stop)")
+
+
+def check_actor_timeout(cluster: DictConfig) -> None:
+    """``cluster.actor_timeout_s``: the longest wait of the driver on an actor call (train/workers/actors.py)."""
+    limit = cluster.get("actor_timeout_s", 1800)
+    _require(limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0),
+             f"cluster.actor_timeout_s={limit} must be a number of seconds > 0 (the longest wait on a trainer rank, "
+             "rollout or reward worker) or null (no limit)")
+
+
+def check_fault_limits(cfg: DictConfig) -> None:
+    """The limits that turn a diverged or stuck run into a stop with a message (both recipes)."""
+    check_max_bad_steps(cfg.trainer)
+    check_actor_timeout(cfg.cluster)

@@ -48,7 +48,8 @@ class SFTRanks:
                        "lora": OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.get("lora") else None}
         try:
             self.group = TrainerGroup(self.world_size, str(model_path), cfg.model.attn_backend, trainer_cfg,
-                                      self.grad_accum, cfg.seed, rank_options, num_threads=rank_threads(cfg))
+                                      self.grad_accum, cfg.seed, rank_options, num_threads=rank_threads(cfg),
+                                      timeout_s=cfg.cluster.get("actor_timeout_s", 1800))
         except BaseException:
             self.remove_placement()
             raise
@@ -77,6 +78,7 @@ class SFTRanks:
         return {
             "train/loss": sum(s["loss_sum"] for s in stats),  # each micro-batch's share of the step's mean
             "train/grad_norm": stats[0]["grad_norm"],
+            "train/skipped_steps": stats[0]["skipped"],  # a non-finite loss or gradient: not applied, lr held
             "train/lr": lr,
             "train/loss_tokens": step_loss_tokens,
             "perf/tokens": tokens,

@@ -22,7 +22,7 @@ from train.models.lora import lora_enabled
 from train.models.model_zoo import load_model, load_tokenizer, resolve_model_path
 from train.models.runtime import resolve_device, resolve_precision, seed_everything
 from train.run import checkpoint
-from train.run.config_checks import check_lora_targets, check_sft
+from train.run.config_checks import check_fault_limits, check_lora_targets, check_sft
 from train.run.run_logger import RunLogger
 from train.sft import curriculum
 from train.sft.curriculum import Phase
@@ -116,7 +116,12 @@ class SFTRun:
 def run(cfg: DictConfig, rank_options: list[dict] | None = None, loss_class=TokenCrossEntropy) -> dict:
     """Train ``cfg``. ``rank_options`` (Ray options per trainer rank) and ``loss_class``: hooks for tests."""
     check_sft(cfg)
+    check_fault_limits(cfg)
     curriculum.check(cfg)
+    # here, not at the top: importing the recipe does not import Ray
+    from train.workers.actors import TrainerFailure
+    from train.workers.run_stops import BadSteps, stop_message
+
     run_dir = Path(cfg.run_dir)
     device = resolve_device(cfg.cluster.device)
     dtype = resolve_precision(cfg.trainer.precision, device)
@@ -152,11 +157,18 @@ def run(cfg: DictConfig, rank_options: list[dict] | None = None, loss_class=Toke
         )
 
         history, eval_result = [], {}
+        bad_steps = BadSteps(cfg.trainer.get("max_bad_steps", 3))  # skipped (non-finite) steps in a row
         progress = tqdm(total=sft.num_steps, initial=sft.step, desc="sft", dynamic_ncols=True)
         while sft.step < sft.num_steps:
-            metrics = sft.train_step()
+            try:
+                metrics = sft.train_step()
+                logger.log(metrics, sft.step)
+                bad_steps.record(sft.step, metrics["train/skipped_steps"])
+            except TrainerFailure as err:  # a rank failed, or too many non-finite steps: name the way back
+                progress.close()
+                logger.finish()
+                raise type(err)(stop_message(err, sft.step, run_dir)) from err
             history.append(metrics["train/loss"])
-            logger.log(metrics, sft.step)
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
             every = cfg.trainer.eval_every and sft.step % cfg.trainer.eval_every == 0

@@ -3,6 +3,7 @@ to the group as if it were one trainer."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import ray
@@ -17,6 +18,23 @@ class TrainerFailure(RuntimeError):
     ranks would wait in a collective), so the run must stop; it resumes from the last checkpoint."""
 
 
+class ActorTimeout(TrainerFailure):
+    """An actor (trainer rank, rollout worker) gave no answer within ``cluster.actor_timeout_s``: stuck in a
+    collective, a lost node, a dead GPU. The run stops as for a failed rank (the recipes name the last good
+    checkpoint and the resume command) instead of waiting for ever."""
+
+
+def wait_all(refs: list, who: list[str], what: str, timeout_s: float | None) -> list:
+    """``ray.get(refs)`` within ``timeout_s`` seconds (None: no limit); past it, ``ActorTimeout`` names the actors
+    (``who[i]`` made ``refs[i]``) still busy with ``what``."""
+    if timeout_s is not None:
+        _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        if pending:
+            busy = [who[i] for i, ref in enumerate(refs) if ref in pending]
+            raise ActorTimeout(f"{', '.join(busy)} gave no answer to {what} within cluster.actor_timeout_s={timeout_s:g} s")
+    return ray.get(list(refs))
+
+
 class TrainerGroup:
     """``world_size`` PolicyTrainer actors forming one torch.distributed world (rank 0 holds full weights).
 
@@ -27,18 +45,20 @@ class TrainerGroup:
 
     Actors are named ``policy_trainer_<group>_<rank>`` (visible in ``ray list actors``). Every call waits for
     the ranks one at a time, so the failure of any rank surfaces at once as a ``TrainerFailure`` instead of
-    leaving the driver blocked on a surviving rank stuck in a collective.
+    leaving the driver blocked on a surviving rank stuck in a collective; a call that takes longer than
+    ``timeout_s`` (``cluster.actor_timeout_s``; None: no limit) raises ``ActorTimeout`` naming the ranks still busy.
     """
 
     def __init__(self, world_size: int, model_path: str, attn_backend: str, trainer_cfg: dict,
                  micro_batches_per_rank: int, seed: int = 0, rank_options: list[dict] | None = None,
-                 num_threads: int | None = None):
-        self.world_size = world_size
+                 num_threads: int | None = None, timeout_s: float | None = None):
+        self.world_size, self.timeout_s = world_size, timeout_s
         rank_options = rank_options or [{"num_cpus": 1}] * world_size
         actor, group = ray.remote(PolicyTrainer), uuid.uuid4().hex[:8]
+        self.names = [f"policy_trainer_{group}_{rank}" for rank in range(world_size)]
         # the actors start together; only the rendezvous waits for rank 0
         self.ranks = [
-            actor.options(name=f"policy_trainer_{group}_{rank}", **rank_options[rank]).remote(
+            actor.options(name=self.names[rank], **rank_options[rank]).remote(
                 rank, world_size, model_path, attn_backend, dict(trainer_cfg), micro_batches_per_rank, seed, num_threads)
             for rank in range(world_size)
         ]
@@ -50,11 +70,17 @@ class TrainerGroup:
             self.shutdown()
             raise
 
-    @staticmethod
-    def _get(refs: list, what: str) -> list:
+    def _get(self, refs: list, what: str) -> list:
+        """The results of ``refs`` (``refs[r]`` made by rank r: every rank, or rank 0 alone), failing fast."""
         pending = list(refs)
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
+            if not ready:
+                busy = [f"rank {r} ({self.names[r]})" for r, ref in enumerate(refs) if ref in pending]
+                raise ActorTimeout(f"policy trainer {', '.join(busy)} gave no answer to {what} within "
+                                   f"cluster.actor_timeout_s={self.timeout_s:g} s")
             try:
                 ray.get(ready[0])
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
@@ -123,11 +149,15 @@ class RolloutPool:
     ``submit`` starts a generation and returns at once (the driver overlaps it with the policy update when
     ``rollout.async_steps=1``); ``generate`` is ``submit(...).result()``. A weight sync sent while a generation
     runs is queued behind it by Ray (actor calls run in order), so that generation keeps the weights it started with.
+
+    Every wait on the workers is limited to ``timeout_s`` (``cluster.actor_timeout_s``; None: no limit): past it,
+    ``ActorTimeout`` names the workers still busy and the call (a stuck generation's workers are killed first).
     """
 
     def __init__(self, num_workers: int, model_path: str, seed: int = 0, worker_options: list[dict] | None = None,
                  max_restarts_per_step: int = 3, backend: str = "hf", num_threads: int | None = None,
-                 precision: str = "auto", vllm_settings: dict | None = None):
+                 precision: str = "auto", vllm_settings: dict | None = None, timeout_s: float | None = None):
+        self.timeout_s = timeout_s
         # Ray options per worker (train/workers/placement.py); a replacement worker gets the options of the one it replaces
         self.worker_options = worker_options or [{"num_cpus": 1}] * num_workers
         if len(self.worker_options) != num_workers:
@@ -159,7 +189,8 @@ class RolloutPool:
         if self.weights_ref is None and self.state_dict is not None:  # broadcast mode: this once, the object store
             self.weights_ref = ray.put(self.state_dict)
         if self.weights_ref is not None:
-            ray.get(worker.load_weights.remote(self.weights_ref, self.version))
+            wait_all([worker.load_weights.remote(self.weights_ref, self.version)], [f"rollout worker {index} (a replacement)"],
+                     "loading the weights", self.timeout_s)
         self.workers[index] = worker
         self.specs = None  # the new worker is no member of the broadcast group: the next sync forms it again
         self.restarts += 1
@@ -178,10 +209,17 @@ class RolloutPool:
 
         trainer, backend = self.broadcast
         rank0, size = trainer.ranks[0], 1 + len(self.workers)
-        address, port = ray.get(rank0.__ray_call__.remote(trainer_open))
-        ray.get([r.__ray_call__.remote(trainer_join, backend, address, port, size) for r in trainer.ranks]
-                + [w.join_weight_group.remote(backend, address, port, j + 1, size) for j, w in enumerate(self.workers)])
-        self.specs = ray.get(rank0.__ray_call__.remote(trainer_specs))
+        what = "forming the weight-broadcast group"
+        address, port = wait_all([rank0.__ray_call__.remote(trainer_open)], ["policy trainer rank 0"], what, self.timeout_s)[0]
+        wait_all([r.__ray_call__.remote(trainer_join, backend, address, port, size) for r in trainer.ranks]
+                 + [w.join_weight_group.remote(backend, address, port, j + 1, size) for j, w in enumerate(self.workers)],
+                 self._who(trainer), what, self.timeout_s)
+        self.specs = wait_all([rank0.__ray_call__.remote(trainer_specs)], ["policy trainer rank 0"], what, self.timeout_s)[0]
+
+    def _who(self, trainer=None) -> list[str]:
+        """Names of the actors of a weight sync, in call order: the trainer ranks (broadcast only), then the workers."""
+        ranks = [f"policy trainer rank {r}" for r in range(len(trainer.ranks))] if trainer is not None else []
+        return ranks + [f"rollout worker {i}" for i in range(len(self.workers))]
 
     def sync(self, state_dict: dict, version: int) -> None:
         """Weight sync: put the weights in the object store once; every worker loads that version. With
@@ -190,7 +228,8 @@ class RolloutPool:
         self.version = version
         if self.broadcast is None:
             self.weights_ref = ray.put(state_dict)
-            ray.get([w.load_weights.remote(self.weights_ref, version) for w in self.workers])
+            wait_all([w.load_weights.remote(self.weights_ref, version) for w in self.workers], self._who(),
+                     f"the weight sync to version {version}", self.timeout_s)
             return
         from train.workers.weight_broadcast import trainer_send
 
@@ -198,8 +237,9 @@ class RolloutPool:
             self._form_group()
         self.state_dict, self.weights_ref = state_dict, None
         trainer = self.broadcast[0]
-        ray.get([r.__ray_call__.remote(trainer_send) for r in trainer.ranks]
-                + [w.receive_weights.remote(self.specs, version) for w in self.workers])
+        wait_all([r.__ray_call__.remote(trainer_send) for r in trainer.ranks]
+                 + [w.receive_weights.remote(self.specs, version) for w in self.workers], self._who(trainer),
+                 f"the weight broadcast of version {version}", self.timeout_s)
 
     def submit(self, prompts: list, group_size: int, seed: int, **sampling) -> PendingGeneration:
         """Start generating ``group_size`` responses to each of ``prompts``; collect with ``.result()``."""
@@ -223,6 +263,7 @@ class PendingGeneration:
 
         self.shares = Shares(pool.workers, len(prompts), 1, call, pool._replace, pool.max_restarts_per_step,
                              "rollout workers")
+        self.timeout_s, self.count = pool.timeout_s, len(prompts)
         self.rollouts: list | None = None
 
     def shard_refs(self) -> list:
@@ -231,7 +272,13 @@ class PendingGeneration:
         return self.shares.first_refs_in_order()
 
     def result(self) -> list:
-        """Wait for every share; a share whose worker died runs again on a replacement worker."""
+        """Wait for every share; a share whose worker died runs again on a replacement worker. Past the pool's
+        ``timeout_s`` the busy workers are killed (replaced) and ``ActorTimeout`` stops the run."""
         if self.rollouts is None:
-            self.rollouts = [r for share in self.shares.results() for r in share]
+            try:
+                shares = self.shares.results(timeout_s=self.timeout_s)
+            except TimeoutError as err:
+                raise ActorTimeout(f"{err} while generating the rollouts of {self.count} prompts "
+                                   "(cluster.actor_timeout_s)") from None
+            self.rollouts = [r for share in shares for r in share]
         return self.rollouts

@@ -20,8 +20,10 @@ the ranks may sit on any nodes of the cluster.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -191,6 +193,7 @@ class PolicyTrainer:
                                              float(trainer_cfg.get("min_lr_ratio", 1.0)))
         self.last_gradients: dict[str, torch.Tensor] | None = None
         self.version = 0  # bumped at every optimizer step; rollouts record the version that generated them
+        self.skipped_since_lr_step = self.applied_since_lr_step = 0  # optimizer steps since advance_lr_schedule
         return {"rank": self.rank, "node": node, "store": (self.store.host, self.store.port),
                 "gloo_interface": os.environ.get("GLOO_SOCKET_IFNAME") if backend == "gloo" else None}
 
@@ -222,12 +225,15 @@ class PolicyTrainer:
         with_entropy = getattr(loss_fn, "needs_entropy", True)  # a diagnostic the SFT loss does without
         totals: dict[str, float] = {}
         grad_norm = None
+        finite_losses, skip = True, False
         for index, (batch, extra) in enumerate(zip(batches, extras)):
             # the boundary from this step's count, not DeepSpeed's micro-step counter (off once the count changed)
             self.engine.set_gradient_accumulation_boundary(index == len(batches) - 1)
             batch = batch.to(self.device)
             logprobs, entropy = token_logprobs(self.engine, batch, self.attn_backend, with_entropy=with_entropy)
             loss_sum, stats = loss_fn(logprobs, entropy, batch, {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in extra.items()})
+            loss_value = float(loss_sum.detach())
+            finite_losses = finite_losses and math.isfinite(loss_value)
             self.engine.backward(loss_sum * scale)
             if index == len(batches) - 1 and self.config["zero_optimization"]["stage"] == 0:
                 # stage 0 keeps whole, already all-reduced gradients; DeepSpeed reports no norm there
@@ -235,20 +241,70 @@ class PolicyTrainer:
                 grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             if index == len(batches) - 1 and keep_gradients:
                 self.last_gradients = self._full_gradients()
-            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            totals["loss_sum"] = totals.get("loss_sum", 0.0) + float(loss_sum.detach())
+            if index == len(batches) - 1:
+                skip = not self._all_finite(finite_losses, grad_norm)
+            with self._optimizer_paused(skip):
+                self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            totals["loss_sum"] = totals.get("loss_sum", 0.0) + loss_value
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
-        self.version += 1
+        skip = skip or not self.engine.was_step_applied()  # ZeRO / bf16 optimizers skip a non-finite gradient norm
+        self._record_skip(skip)
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        totals["skipped"] = float(skip)
         return totals
 
+    # -- non-finite steps: skipped on every rank ----------------------------------------------------------------
+    def _all_finite(self, finite_losses: bool, grad_norm: float | None) -> bool:
+        """Whether every rank's losses of this step, and under ZeRO-0 the reduced gradient, are finite: one flag
+        all-reduced (MIN) over the world after the last backward, so every rank takes the same decision.
+
+        ZeRO 1-3 and DeepSpeed's bf16 optimizer test the norm of the reduced gradient themselves and skip the step
+        when it is not finite (their overflow path, reported by ``engine.was_step_applied()``); under ZeRO-0 in fp32
+        nothing does, hence ``grad_norm`` here (the norm train_step already computes)."""
+        finite = finite_losses and (grad_norm is None or math.isfinite(grad_norm))
+        flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
+
+    @contextmanager
+    def _optimizer_paused(self, paused: bool):
+        """While ``paused``, the torch AdamW under DeepSpeed leaves parameters and state as they are: DeepSpeed's
+        ``engine.step()`` still does its boundary bookkeeping (gradient clean-up, ZeRO partition copies, micro-step
+        count), but no update happens. (Every stage calls this one optimizer's ``step``; the lr schedule wraps it
+        as an attribute of the instance, which is put back.)"""
+        if not paused:
+            yield
+            return
+        optimizer = self.engine.basic_optimizer
+        own = optimizer.__dict__.get("step")
+        optimizer.step = lambda *args, **kwargs: None
+        try:
+            yield
+        finally:
+            if own is None:
+                del optimizer.step
+            else:
+                optimizer.step = own
+
+    def _record_skip(self, skipped: bool) -> None:
+        """An applied optimizer step bumps the policy version; ``advance_lr_schedule`` holds the lr when every
+        optimizer step since its last call was skipped."""
+        if skipped:
+            self.skipped_since_lr_step += 1
+        else:
+            self.version += 1
+            self.applied_since_lr_step += 1
+
     def advance_lr_schedule(self) -> float:
-        """End of an RL step: the lr its updates used; the schedule moves to the next step's."""
+        """End of an RL step: the lr its updates used; the schedule moves to the next step's, unless the step's
+        optimizer steps were all skipped (non-finite, ``train_step``)."""
         used = self.lr_schedule.get_last_lr()[0]
-        self.lr_schedule.step()
+        if not (self.skipped_since_lr_step and not self.applied_since_lr_step):
+            self.lr_schedule.step()
+        self.skipped_since_lr_step = self.applied_since_lr_step = 0
         return used
 
     def start_lr_schedule(self, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float,

@@ -51,8 +51,9 @@ class Shares:
                     done[self.todo[i][0]] = ray.get(ref, timeout=remaining)
                     del self.todo[i]
                 except ray.exceptions.GetTimeoutError:
+                    busy = ", ".join(str(i) for i in sorted(self.todo))
                     self._give_up_on_busy_workers()
-                    raise TimeoutError(f"{self.what}: no result within {timeout_s:g} s; the busy workers were "
+                    raise TimeoutError(f"{self.what} {busy}: no result within {timeout_s:g} s; the busy workers were "
                                        "stopped (replaced for the next call)") from None
                 except ray.exceptions.RayActorError:
                     if not retry:
