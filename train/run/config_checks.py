@@ -414,7 +414,8 @@ def check_micro_batch_budget(t: DictConfig) -> None:
     _require(isinstance(budget, int) and budget >= t.row_tokens,
              f"trainer.max_tokens_per_micro_batch={budget} must be an integer >= trainer.row_tokens={t.row_tokens} (a "
              "micro-batch must hold the longest prompt + response); raise it, lower trainer.row_tokens, or set it to null")
-=======
+
+
 def check_max_bad_steps(t: DictConfig) -> None:
     """``trainer.max_bad_steps``: skipped (non-finite) steps in a row before the run stops (train/workers/run_stops.py)."""
     limit = t.get("max_bad_steps", 3)
