@@ -14,6 +14,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from train.models.evaluate import evaluate
+from train.models.sequence_parallel import data_parallel_size, sp_size
 from train.rl.checkpointing import RLCheckpoints
 from train.rl.logprobs import record_logprobs
 from train.rl.policy_update import update_policy
@@ -39,7 +40,9 @@ class RLLoop:
                                       setup.model_path)
         self.checkpoints = RLCheckpoints(cfg.run_dir, hf_model, setup.tokenizer, cfg.algorithm.name, cfg.trainer.keep_last,
                                          actors, self.rounds, self.weight_sync)
-        self.micro_batches = self.t_cfg.world_size * self.t_cfg.micro_batches_per_rank
+        # one share per data-parallel group: the trainer.sequence_parallel_size ranks of a group take the same one
+        self.data_parallel = data_parallel_size(self.t_cfg.world_size, sp_size(self.t_cfg))
+        self.micro_batches = self.data_parallel * self.t_cfg.micro_batches_per_rank
         self.step_count, self.weights, self.history = 0, None, []
 
     # -- one step ------------------------------------------------------------------------------------------------
@@ -70,7 +73,7 @@ class RLLoop:
             self.weights = trainer.full_state_dict()
             self.weight_sync(self.weights, step + 1)
         metrics = step_metrics(step + 1, batch, rewards, advantages, stats, optimizer_steps=optimizer_steps,
-                               world_size=self.t_cfg.world_size, micro_batches_per_rank=self.t_cfg.micro_batches_per_rank,
+                               world_size=self.data_parallel, micro_batches_per_rank=self.t_cfg.micro_batches_per_rank,
                                lr=lr, tokens=sum(u.tokens for u in updates), seconds=self.timer.seconds,
                                worker_restarts=self.actors.rollout_pool.restarts, kl_in_reward=algorithm.kl_reward is not None)
         if hasattr(self.setup.sampler, "metrics"):
