@@ -78,7 +78,9 @@ class SequenceParallel:
 
     def _attention_for(self, rows: int):
         if rows not in self._ulysses:
-            from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+            from deepspeed.runtime.sequence_parallel.ulysses_sp import (
+                UlyssesSPAttentionHF,
+            )
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
             ulysses = UlyssesSPAttentionHF(
@@ -107,7 +109,7 @@ class SequenceParallel:
         """(model keyword arguments for this rank's slice, the targets [rows, L] its positions predict). The targets
         are ``input_ids`` shifted by one over the WHOLE row, then sliced; pads (ids 0, position 0) see only themselves
         and predict id 0, and their log-probs are dropped after the gather."""
-        rows, seq = batch.input_ids.shape
+        seq = batch.input_ids.shape[1]
         pad = self.padded_length(seq) - seq
         lo, hi = self.bounds(seq)
         mask = allowed(batch.segment_ids, batch.visibility)  # [rows, seq, seq], the exact packed / multi-turn mask
