@@ -74,11 +74,11 @@ def _attention_key(trainer):
     return trainer.engine.module.config._attn_implementation
 
 
-def _step(path, world, sp, batches, loss_fn, extras):
+def _step(path, world, sp, batches, loss_fn, extras, zero_stage=0):
     """(log-probs before the step, stats, reduced gradient, weights after the step) of one step on ``world`` ranks."""
     from train.workers.actors import TrainerGroup
 
-    group = TrainerGroup(world, path, "sdpa", {**TRAINER, "sequence_parallel_size": sp},
+    group = TrainerGroup(world, path, "sdpa", {**TRAINER, "sequence_parallel_size": sp, "zero_stage": zero_stage},
                          micro_batches_per_rank=len(batches) * sp // world)
     try:
         keys = group._get([r.__ray_call__.remote(_attention_key) for r in group.ranks], "attention")
@@ -130,7 +130,8 @@ def test_sft_step_with_sp2_equals_sp1(ray_session, model_path, tiny_tokenizer):
 def test_rl_update_with_sp2_equals_sp1(ray_session, model_path, tiny_tokenizer, compose):
     """GRPO's clipped objective (algorithms/, as configs/algorithm/grpo.yaml builds it) with an entropy bonus, through
     the RL loss on packed rows (train/rl/algorithm.py PackedLoss): per-document log-probs, a recorded pi_old away
-    from pi (some ratios clipped), token-mean over the step's response tokens."""
+    from pi (some ratios clipped), token-mean over the step's response tokens. The SP 2 ranks run ZeRO-3 (parameters,
+    gradients and optimizer state partitioned over the world, i.e. over the SP group's two ranks)."""
     from hydra.utils import instantiate
 
     from train.models.forward import per_document
@@ -150,7 +151,7 @@ def test_rl_update_with_sp2_equals_sp1(ray_session, model_path, tiny_tokenizer, 
     tokens = float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches))
     loss = PackedLoss(objective, tokens, entropy_bonus=True)
     ref = _step(model_path, 1, 1, batches, loss, extras)
-    got = _step(model_path, 2, 2, batches, loss, extras)
+    got = _step(model_path, 2, 2, batches, loss, extras, zero_stage=3)  # ZeRO-3 shards over both SP ranks
     _check_equal(ref, got, _initial(model_path))
     assert got[1][0]["tokens"] == ref[1][0]["tokens"] == tokens
 
@@ -188,3 +189,16 @@ def test_sequence_parallel_model_checks_heads_and_ssm():
     mamba = AutoConfig.for_model("mamba2", hidden_size=32, num_heads=4, head_dim=16, n_groups=1, num_hidden_layers=1)
     with pytest.raises(ConfigError, match="attention-free"):
         check_sequence_parallel_model(mamba, 2)
+
+
+def test_trainer_group_hands_each_sp_group_one_share():
+    """world 4, SP 2: ranks 0 and 1 (one SP group) get the first half of the micro-batches, ranks 2 and 3 the second;
+    the group's results are read from ranks 0 and 2 only (their SP partners return the same whole-row numbers)."""
+    from train.workers.actors import TrainerGroup
+
+    group = TrainerGroup.__new__(TrainerGroup)  # the hand-out only: no actors
+    group.world_size, group.sp, group.data_parallel = 4, 2, 2
+    assert group.shard(list("abcd")) == [["a", "b"], ["a", "b"], ["c", "d"], ["c", "d"]]
+    assert group._one_per_group(["r0", "r1", "r2", "r3"]) == ["r0", "r2"]
+    with pytest.raises(ValueError, match="do not split evenly over 2 data-parallel"):
+        group.shard(list("abc"))
