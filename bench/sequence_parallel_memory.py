@@ -48,6 +48,22 @@ def packed_row(tokens: int, vocab: int):
     return collate([docs], 0)
 
 
+def build_model(cache_dir: str, vocab: int) -> str:
+    """The bench model (random weights, ``ARCH`` with a ``vocab``-token vocabulary) saved once under ``cache_dir``;
+    no tokenizer: the rows are random token ids."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(cache_dir) / f"bench-sp-qwen2-v{vocab}"
+    if not (path / "config.json").exists():
+        arch = dict(ARCH)
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=vocab, **arch)
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
 def measure(model_path: str, tokens: int, sp: int, vocab: int) -> dict:
     from train.sft.loss import TokenCrossEntropy, loss_tokens
     from train.workers.actors import TrainerGroup
@@ -76,12 +92,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=".cache/models")
     args = parser.parse_args()
 
-    from train.models.model_zoo import embedded_model_path
     from train.workers.ray_session import init_ray
 
-    model_path = str(embedded_model_path(args.cache_dir, ARCH, args.vocab, seed=0))
+    model_path = build_model(args.cache_dir, args.vocab)
     init_ray(num_cpus=max(args.sp))
-    print(f"| tokens | SP | peak RSS per rank (GiB) | step's rise per rank (GiB) | tokens/s |")
+    print("| tokens | SP | peak RSS per rank (GiB) | step's rise per rank (GiB) | tokens/s |")
     print("| ---: | ---: | --- | --- | ---: |")
     for tokens in args.tokens:
         for sp in args.sp:
