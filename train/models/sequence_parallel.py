@@ -124,25 +124,27 @@ class SequenceParallel:
 
     def gather(self, local: torch.Tensor, seq: int) -> torch.Tensor:
         """This rank's per-position values [rows, L] -> the whole row's [rows, seq - 1] (differentiable)."""
-        return _GatherSequence.apply(local, self)[:, : seq - 1]
+        return _GatherSequence.apply(local, self, seq - 1)
 
 
 class _GatherSequence(torch.autograd.Function):
-    """All-gather of [rows, L] slices along the sequence into [rows, SP * L]. Backward: this rank's slice of the
-    gradient only (not a reduce-scatter), because every rank of the group computes the same loss on the gathered
-    tensor: the gradient it holds for its slice is already the whole gradient there."""
+    """All-gather of [rows, L] slices along the sequence into [rows, SP * L], cropped to the row's ``width``
+    positions (a tensor of its own, not a view: the RL loss detaches an unused entropy in place). Backward: this
+    rank's slice of the gradient only (not a reduce-scatter), because every rank of the group computes the same loss
+    on the gathered tensor: the gradient it holds for its slice is already the whole gradient there."""
 
     @staticmethod
-    def forward(ctx, local, sp):
+    def forward(ctx, local, sp, width):
         ctx.sp, ctx.local = sp, local.shape[1]
         parts = [torch.empty_like(local) for _ in range(sp.size)]
         torch.distributed.all_gather(parts, local.contiguous(), group=sp.group)
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1)[:, :width].clone()
 
     @staticmethod
     def backward(ctx, grad):
+        full = F.pad(grad, (0, ctx.sp.size * ctx.local - grad.shape[1]))  # the cropped pads get no gradient
         lo = ctx.sp.rank * ctx.local
-        return grad[:, lo:lo + ctx.local].contiguous(), None
+        return full[:, lo:lo + ctx.local].contiguous(), None, None
 
 
 def enable(model, size: int):
