@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from data_pipelines.packing import IGNORE_INDEX, PackedBatch, one_document_per_row
 from data_pipelines.shared_prompt import SharedPromptBatch
+from train.models import sequence_parallel
 from train.models.attention import model_inputs
 from train.models.model_zoo import ATTENTION_FREE
 
@@ -107,11 +108,17 @@ def token_logprobs(
     """log pi(x_{t+1} | x_{<=t}) for every position, [rows, seq-1]; entropy of pi(.|x_{<=t}) if asked.
     For a SharedPromptBatch: log pi(y_j | prompt, y_{<j}) for every response token, [responses, R]."""
     if isinstance(batch, SharedPromptBatch):
+        if sequence_parallel.of(model) is not None:
+            raise ValueError("trainer.share_prompt runs whole sequences; with trainer.sequence_parallel_size > 1 set "
+                             "trainer.share_prompt=false")
         if backend != "sdpa":  # the response pass reads a right-padded prompt cache through a 2D padding mask
             raise ValueError(f"trainer.share_prompt runs under model.attn_backend=sdpa only, got {backend}; "
                              "set trainer.share_prompt=auto or false")
         logits = shared_prompt_logits(model, batch).float()  # [responses, R, vocab]
         targets = batch.response_ids
+    elif (sp := sequence_parallel.of(model)) is not None:  # this rank's slice of every row (Ulysses SP)
+        inputs, targets = sp.inputs(batch)  # targets [rows, L], shifted over the whole row before slicing
+        logits = model(**inputs, use_cache=False).logits.float()  # [rows, L, vocab]
     else:
         logits = causal_lm_logits(model, batch, backend)[:, :-1].float()  # [rows, seq-1, vocab]
         targets = batch.input_ids[:, 1:]  # [rows, seq-1]
@@ -122,6 +129,9 @@ def token_logprobs(
     entropy = None
     if with_entropy:  # differentiable (the RL entropy bonus); a diagnostic otherwise
         entropy = _Entropy.apply(log_probs) if log_probs.requires_grad else -(log_probs.exp() * log_probs).sum(-1)
+    if isinstance(batch, PackedBatch) and (sp := sequence_parallel.of(model)) is not None:  # whole rows again
+        seq = batch.input_ids.shape[1]
+        logprobs, entropy = sp.gather(logprobs, seq), (sp.gather(entropy, seq) if entropy is not None else None)
     return logprobs, entropy
 
 

@@ -14,6 +14,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from train.models.evaluate import evaluate_on_pool
+from train.models.sequence_parallel import data_parallel_size, sp_size
 from train.rl.checkpointing import RLCheckpoints
 from train.rl.logprobs import record_logprobs
 from train.rl.policy_update import update_policy
@@ -40,9 +41,11 @@ class RLLoop:
                                       setup.model_path)
         self.checkpoints = RLCheckpoints(cfg.run_dir, hf_model, setup.tokenizer, cfg.algorithm.name, cfg.trainer.keep_last,
                                          actors, self.rounds, self.weight_sync)
-        # trainer.max_tokens_per_micro_batch: each mini-batch gets the multiple of world_size its tokens need
+        # one share per data-parallel group: the trainer.sequence_parallel_size ranks of a group take the same one;
+        # trainer.max_tokens_per_micro_batch: each mini-batch gets the multiple of the groups its tokens need
+        self.data_parallel = data_parallel_size(self.t_cfg.world_size, sp_size(self.t_cfg))
         self.max_tokens = self.t_cfg.get("max_tokens_per_micro_batch")
-        self.micro_batches = self.t_cfg.world_size * (1 if self.max_tokens else self.t_cfg.micro_batches_per_rank)
+        self.micro_batches = self.data_parallel * (1 if self.max_tokens else self.t_cfg.micro_batches_per_rank)
         self.step_count, self.weights, self.history = 0, None, []
         self.bad_steps = BadSteps(self.t_cfg.get("max_bad_steps", 3))  # skipped (non-finite) steps in a row
 
@@ -75,11 +78,11 @@ class RLLoop:
             self.weights = trainer.full_state_dict()
             self.weight_sync(self.weights, step + 1)
         metrics = step_metrics(step + 1, batch, rewards, advantages, stats, optimizer_steps=optimizer_steps,
-                               world_size=self.t_cfg.world_size,
+                               world_size=self.data_parallel,
                                micro_batches=self.t_cfg.ppo_epochs * sum(len(u.micro) for u in updates),
                                lr=lr, tokens=sum(u.tokens for u in updates), seconds=self.timer.seconds,
                                worker_restarts=self.actors.rollout_pool.restarts, kl_in_reward=algorithm.kl_reward is not None)
-        metrics["train/skipped_steps"] = stats.get("skipped", 0.0) / self.t_cfg.world_size  # non-finite, not applied
+        metrics["train/skipped_steps"] = stats.get("skipped", 0.0) / self.data_parallel  # non-finite, not applied
         if hasattr(self.setup.sampler, "metrics"):
             metrics.update(self.setup.sampler.metrics())
         self.logger.log(metrics, step + 1)

@@ -71,4 +71,6 @@ def share_prompt(cfg, model_path: str, multi_turn: bool) -> bool:
     if wanted is True and attention_free:
         raise ConfigError("trainer.share_prompt=true needs an attention model (a KV cache to share); this model is "
                           "attention-free: set trainer.share_prompt=auto or false")
-    return wanted is True or (wanted == "auto" and cfg.model.attn_backend == "sdpa" and not multi_turn and not attention_free)
+    whole_rows = int(cfg.trainer.get("sequence_parallel_size", 1) or 1) == 1  # SP splits rows; a shared prompt cannot be
+    return wanted is True or (wanted == "auto" and cfg.model.attn_backend == "sdpa" and not multi_turn and not attention_free
+                              and whole_rows)

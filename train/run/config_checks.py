@@ -219,6 +219,7 @@ def check_sft(cfg: DictConfig) -> None:
     check_zero(cfg.trainer)
     check_trainer_world(cfg.trainer, cfg.cluster)
     check_lora(cfg.model.get("lora"))
+    check_sequence_parallel(cfg)
 
 
 def check_rl_group_size(a) -> None:
@@ -404,6 +405,7 @@ def check_rl(cfg: DictConfig) -> None:
     )
     _require(cfg.logger.mode in ("offline", "online", "disabled"), f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")
     check_backend(cfg.model.attn_backend, "cuda" if on_gpu else "cpu")
+    check_sequence_parallel(cfg)
 
 
 def check_micro_batch_budget(t: DictConfig) -> None:
@@ -436,3 +438,51 @@ def check_fault_limits(cfg: DictConfig) -> None:
     """The limits that turn a diverged or stuck run into a stop with a message (both recipes)."""
     check_max_bad_steps(cfg.trainer)
     check_actor_timeout(cfg.cluster)
+
+
+def check_sequence_parallel_size(t: DictConfig, attn_backend: str) -> None:
+    """``trainer.sequence_parallel_size`` (train/models/sequence_parallel.py): an integer >= 1 dividing
+    ``trainer.world_size``; above 1 only under ``model.attn_backend=sdpa`` (the exact dense mask of the whole row is
+    handed to DeepSpeed's Ulysses attention) and without a shared-prompt update (it runs whole sequences)."""
+    size = t.get("sequence_parallel_size", 1)
+    _require(isinstance(size, int) and not isinstance(size, bool) and size >= 1,
+             f"trainer.sequence_parallel_size={size} must be an integer >= 1 (1 = no sequence parallelism)")
+    if size == 1:
+        return
+    _require(isinstance(t.world_size, int) and t.world_size % size == 0,
+             f"trainer.world_size={t.world_size} must be a multiple of trainer.sequence_parallel_size={size} (groups of "
+             "SP consecutive ranks split each sequence); change either")
+    _require(attn_backend == "sdpa",
+             f"trainer.sequence_parallel_size={size} runs under model.attn_backend=sdpa only (flex and flash masks are not "
+             f"wired for sequence-parallel shards), got model.attn_backend={attn_backend}: set model.attn_backend=sdpa "
+             "or trainer.sequence_parallel_size=1")
+    _require(t.get("share_prompt", "auto") is not True,
+             f"trainer.share_prompt=true runs whole sequences; with trainer.sequence_parallel_size={size} set "
+             "trainer.share_prompt=auto or false")
+
+
+def check_sequence_parallel_model(config, size: int) -> None:
+    """The policy's heads must split over ``trainer.sequence_parallel_size`` ranks (Ulysses scatters heads): attention
+    heads divisible by SP; key/value heads divisible by SP, or SP a multiple of them (DeepSpeed's
+    ``UlyssesSPAttentionHF`` then replicates each kv head). An attention-free model (Mamba-2) has nothing to split."""
+    from train.models.model_zoo import ATTENTION_FREE
+
+    if size == 1 or config is None:
+        return
+    _require(config.model_type not in ATTENTION_FREE,
+             f"trainer.sequence_parallel_size={size}: {config.model_type} is attention-free (no heads for Ulysses to "
+             "split); set trainer.sequence_parallel_size=1")
+    text = config.get_text_config()
+    heads, kv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    _require(heads % size == 0,
+             f"trainer.sequence_parallel_size={size} must divide the model's {heads} attention heads "
+             "(num_attention_heads); choose a divisor of it")
+    _require(kv % size == 0 or size % kv == 0,
+             f"trainer.sequence_parallel_size={size} and the model's {kv} key/value heads (num_key_value_heads): one "
+             "must divide the other; choose trainer.sequence_parallel_size accordingly")
+
+
+def check_sequence_parallel(cfg: DictConfig) -> None:
+    """All ``trainer.sequence_parallel_size`` checks of a run (SFT and RL)."""
+    check_sequence_parallel_size(cfg.trainer, cfg.model.attn_backend)
+    check_sequence_parallel_model(policy_config(cfg.model), int(cfg.trainer.get("sequence_parallel_size", 1)))

@@ -31,6 +31,7 @@ from data_pipelines.batching import PackedBatchStream
 from data_pipelines.loading import check_files, load_split, tokenize_rows
 from data_pipelines.packing import Document
 from data_pipelines.validation import validate_rows
+from train.models.sequence_parallel import data_parallel_size, sp_size
 from train.run.lr_schedule import DECAYS, warmup_then_decay
 
 log = logging.getLogger(__name__)
@@ -234,8 +235,9 @@ def _steps(phase_cfg, stream: PackedBatchStream, micro_batches_per_step: int) ->
 
 
 def micro_batches_per_step(trainer_cfg) -> int:
-    """Micro-batches one optimizer step takes from the stream: ``grad_accum`` on each of ``world_size`` ranks."""
-    return int(trainer_cfg.grad_accum) * int(trainer_cfg.get("world_size", 1))
+    """Micro-batches one optimizer step takes from the stream: ``grad_accum`` on each of the ``world_size / SP``
+    data-parallel groups (the ``trainer.sequence_parallel_size`` ranks of a group share theirs)."""
+    return int(trainer_cfg.grad_accum) * data_parallel_size(int(trainer_cfg.get("world_size", 1)), sp_size(trainer_cfg))
 
 
 def plan(cfg: DictConfig, tokenizer) -> tuple[list[Phase], dict]:

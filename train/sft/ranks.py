@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from train.run.threads import sft_thread_plan
-from train.sft.curriculum import Phase
+from train.sft.curriculum import Phase, micro_batches_per_step
 from train.sft.loss import TokenCrossEntropy, loss_tokens
 
 
@@ -38,6 +38,7 @@ class SFTRanks:
 
         t = cfg.trainer
         self.world_size, self.grad_accum, self.loss_class = int(t.world_size), int(t.grad_accum), loss_class
+        self.trainer_cfg = t  # trainer.sequence_parallel_size ranks share each micro-batch (micro_batches_per_step)
         self.placement = None
         if rank_options is None:
             self.placement = plan(cfg.cluster.placement, torch.cuda.is_available(), self.world_size, 0)
@@ -68,9 +69,9 @@ class SFTRanks:
         return frozen
 
     def step(self, phase: Phase) -> dict:
-        """One optimizer step on the next ``world_size * grad_accum`` micro-batches of ``phase``'s stream."""
+        """One optimizer step on the next ``world_size / SP * grad_accum`` micro-batches of ``phase``'s stream."""
         start = time.perf_counter()
-        batches = [phase.stream.next() for _ in range(self.world_size * self.grad_accum)]
+        batches = [phase.stream.next() for _ in range(micro_batches_per_step(self.trainer_cfg))]  # dp * grad_accum
         step_loss_tokens = sum(loss_tokens(b) for b in batches)
         stats = self.group.train_step(batches, self.loss_class(step_loss_tokens), [{} for _ in batches])
         lr = self.group.advance_lr_schedule()

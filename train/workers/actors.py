@@ -8,6 +8,7 @@ import uuid
 
 import ray
 
+from train.models import sequence_parallel
 from train.workers.placement import device_of
 from train.workers.policy_trainer import PolicyTrainer
 from train.workers.worker_shares import Shares
@@ -53,6 +54,9 @@ class TrainerGroup:
                  micro_batches_per_rank: int, seed: int = 0, rank_options: list[dict] | None = None,
                  num_threads: int | None = None, timeout_s: float | None = None):
         self.world_size, self.timeout_s = world_size, timeout_s
+        # trainer.sequence_parallel_size: the SP ranks of a group take the same micro-batches (train/models/sequence_parallel.py)
+        self.sp = sequence_parallel.sp_size(trainer_cfg)
+        self.data_parallel = sequence_parallel.data_parallel_size(world_size, self.sp)
         rank_options = rank_options or [{"num_cpus": 1}] * world_size
         actor, group = ray.remote(PolicyTrainer), uuid.uuid4().hex[:8]
         self.names = [f"policy_trainer_{group}_{rank}" for rank in range(world_size)]
@@ -90,21 +94,27 @@ class TrainerGroup:
         return ray.get(list(refs))
 
     def shard(self, items: list) -> list[list]:
-        """Contiguous split of ``items`` over the ranks (equal counts required by DeepSpeed)."""
-        if len(items) % self.world_size:
-            raise ValueError(f"{len(items)} micro-batches do not split evenly over {self.world_size} trainer ranks")
-        n = len(items) // self.world_size
-        return [items[i * n : (i + 1) * n] for i in range(self.world_size)]
+        """Contiguous split of ``items`` over the data-parallel groups (equal counts required by DeepSpeed), one list
+        per rank: the ranks of an SP group get the same share."""
+        if len(items) % self.data_parallel:
+            raise ValueError(f"{len(items)} micro-batches do not split evenly over {self.data_parallel} data-parallel "
+                             f"trainer groups (trainer.world_size / trainer.sequence_parallel_size)")
+        n = len(items) // self.data_parallel
+        return [items[(r // self.sp) * n : (r // self.sp + 1) * n] for r in range(self.world_size)]
+
+    def _one_per_group(self, results: list) -> list:
+        """The results of the first rank of each SP group (its other ranks return the same whole-row numbers)."""
+        return results[:: self.sp]
 
     def train_step(self, batches: list, loss_fn, extras: list[dict], keep_gradients: bool = False) -> list[dict]:
-        return self._get([
+        return self._one_per_group(self._get([
             rank.train_step.remote(b, loss_fn, e, keep_gradients)
             for rank, b, e in zip(self.ranks, self.shard(batches), self.shard(extras))
-        ], "the policy update")
+        ], "the policy update"))
 
     def logprobs(self, batches: list) -> list:
         shards = self._get([rank.logprobs.remote(b) for rank, b in zip(self.ranks, self.shard(batches))], "log-probs")
-        return [lp for shard in shards for lp in shard]
+        return [lp for shard in self._one_per_group(shards) for lp in shard]
 
     def gradients(self) -> dict:
         """The full gradient of the last ``train_step(..., keep_gradients=True)``, as reduced over the ranks."""

@@ -30,6 +30,7 @@ import torch
 
 from data_pipelines.packing import PackedBatch
 from train.models import lora as lora_adapters
+from train.models import sequence_parallel
 from train.models.forward import token_logprobs
 from train.models.model_zoo import load_model
 from train.models.runtime import component_dtype
@@ -183,6 +184,8 @@ class PolicyTrainer:
             model = lora_adapters.wrap(model, self.lora)
         self.adapter_names = {n for n, p in model.named_parameters() if p.requires_grad} if self.lora else None
         model.train()
+        # trainer.sequence_parallel_size: groups of SP consecutive ranks split every row (train/models/sequence_parallel.py)
+        self.sequence_parallel = sequence_parallel.enable(model, sequence_parallel.sp_size(trainer_cfg))
         self.config = deepspeed_config(trainer_cfg, self.world_size, self.micro_batches_per_rank, on_gpu)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.config
