@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from data_pipelines.packing import PackedBatch
-from train.models.forward import token_logprobs
+from train.models.forward import set_logits_chunk_tokens, token_logprobs
 from train.models.model_zoo import load_model
 from train.models.runtime import component_dtype
 from train.workers.placement import device_of
@@ -20,10 +20,15 @@ def reference_settings(options: dict, precision: str) -> dict:
 
 
 class ReferenceWorker:
-    def __init__(self, model_path: str, attn_backend: str = "sdpa", device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """``logits_chunk_tokens``: ``trainer.logits_chunk_tokens`` (the log-probs computed a chunk of tokens at a time,
+    train/models/tiled_logits.py); None: on the full logits."""
+
+    def __init__(self, model_path: str, attn_backend: str = "sdpa", device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 logits_chunk_tokens: int | None = None):
         self.device = torch.device(device)
         self.attn_backend = attn_backend
         self.model = load_model(model_path, attn_backend, dtype, self.device).eval()
+        set_logits_chunk_tokens(self.model, logits_chunk_tokens)
         for p in self.model.parameters():
             p.requires_grad_(False)
 
