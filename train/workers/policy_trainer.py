@@ -107,7 +107,11 @@ def enable_gradient_checkpointing(model) -> None:
     if not getattr(core, "supports_gradient_checkpointing", False):
         raise ValueError(f"trainer.gradient_checkpointing=true: {type(core).__name__} does not support Hugging Face "
                          "gradient checkpointing; set trainer.gradient_checkpointing=false")
-    core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(core, "activation_checkpointing_enable"):  # transformers 5's name; gradient_checkpointing_enable warns
+        core.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        core.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class PolicyTrainer:
