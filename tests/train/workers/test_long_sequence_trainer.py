@@ -107,17 +107,18 @@ def test_policy_trainer_join_applies_both_keys(model_path):
     try:
         module = trainer.engine.module
         assert logits_chunk_tokens(trainer.engine) == 7 and module.model.gradient_checkpointing
+        calls = []
+        hook = module.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
         for kind in ("sft", "rl"):
             loss_fn, extra = _loss(kind)
             plain = load_model(model_path).train()
             plain.load_state_dict(trainer.full_state_dict(), strict=False)  # the weights before this step (lm_head tied)
             want_loss, want_grads, _ = _step(plain, loss_fn, extra)
-            calls = []
-            hook = module.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
+            calls.clear()
             stats = trainer.train_step([_packed(seed=5)], loss_fn, [extra], keep_gradients=True)
-            hook.remove()
             assert len(calls) == 2
             _assert_same((stats["loss_sum"], trainer.gradients()), (want_loss, want_grads), f"PolicyTrainer {kind}")
+        hook.remove()
         plain.load_state_dict(trainer.full_state_dict(), strict=False)  # the weights after the last step
         with torch.no_grad():  # the no-grad log-prob forward (pi_old) takes the chunked path and eval mode
             torch.testing.assert_close(trainer.logprobs([_packed(seed=5)])[0],
