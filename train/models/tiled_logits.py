@@ -92,7 +92,10 @@ def chunked_token_logprobs(
         checkpoint(run, h, t, use_reentrant=False) if grad else run(h, t)
         for h, t in zip(flat_hidden.split(chunk_tokens), flat_targets.split(chunk_tokens))
     ]
-    out = torch.cat(pieces, dim=1) if pieces else flat_hidden.new_zeros(2 if with_entropy else 1, 0)  # [1 or 2, n]
-    logprobs = out[0].reshape(shape)
-    entropy = out[1].reshape(shape) if with_entropy else None
+    if not pieces:
+        pieces = [flat_hidden.new_zeros(2 if with_entropy else 1, 0, dtype=torch.float32)]
+    logprobs = torch.cat([piece[0] for piece in pieces]).reshape(shape)
+    entropy = None
+    if with_entropy:  # not a view (clone: [n] floats): a caller may detach_() it in place (train/rl/algorithm.py)
+        entropy = torch.cat([piece[1] for piece in pieces]).reshape(shape).clone()
     return logprobs, entropy

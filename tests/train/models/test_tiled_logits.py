@@ -23,6 +23,7 @@ from train.models import forward
 from train.models.forward import per_document, sft_loss_sum, token_logprobs
 from train.models.model_zoo import load_model
 from train.models.tiled_logits import chunked_token_logprobs
+from train.rl.algorithm import PackedLoss
 from train.sft.loss import TokenCrossEntropy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,17 +126,17 @@ def test_sft_loss_and_gradients_equal_the_full_logits(model_path, chunk):
     torch.testing.assert_close(chunk_sum, full_sum, rtol=1e-6, atol=1e-5)
 
 
-def _rl_loss(logprobs, entropy, batch, ref, old, advantages):
-    """GRPO-style objective on per-document rows: clipped surrogate + k3 KL + entropy bonus, token-mean."""
-    lp, mask = per_document(logprobs, batch)
-    ent, _ = per_document(entropy, batch)
-    return policy_objective(lp, old, advantages, mask, policy_loss=partial(clipped_surrogate, eps_low=0.2, eps_high=0.28),
-                            aggregation=partial(aggregate_loss, mode="token-mean"), ref_logprobs=ref, kl_beta=0.05,
-                            entropy=ent, entropy_coef=0.01)[0]
+def _rl_loss(logprobs, entropy, batch, ref, old, advantages, entropy_coef):
+    """The RL loss of a trainer rank (train/rl/algorithm.py PackedLoss): GRPO-style clipped surrogate + k3 KL (+ an
+    entropy bonus), token-mean. Without the bonus PackedLoss detaches the entropy in place."""
+    objective = partial(policy_objective, policy_loss=partial(clipped_surrogate, eps_low=0.2, eps_high=0.28),
+                        aggregation=partial(aggregate_loss, mode="token-mean"), kl_beta=0.05, entropy_coef=entropy_coef)
+    loss_fn = PackedLoss(objective, normalizer=60.0, entropy_bonus=entropy_coef > 0)
+    return loss_fn(logprobs, entropy, batch, {"advantages": advantages, "old_logprobs": old, "ref_logprobs": ref})[0]
 
 
-@pytest.mark.parametrize("chunk", [6, 29])
-def test_rl_logprobs_entropy_loss_and_gradients_equal_the_full_logits(model_path, chunk):
+@pytest.mark.parametrize("chunk, entropy_coef", [(6, 0.01), (29, 0.01), (6, 0.0)])
+def test_rl_logprobs_entropy_loss_and_gradients_equal_the_full_logits(model_path, chunk, entropy_coef):
     model = load_model(model_path)
     batch = _packed(seed=1)
     with torch.no_grad():
@@ -144,11 +145,11 @@ def test_rl_logprobs_entropy_loss_and_gradients_equal_the_full_logits(model_path
         ref = per_document(full_lp - 0.1, batch)[0]
     advantages = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.75])
     lp, ent = token_logprobs(model, batch, "sdpa", temperature=0.9, with_entropy=True)
-    full = _rl_loss(lp, ent, batch, ref, old, advantages)
+    full = _rl_loss(lp, ent, batch, ref, old, advantages, entropy_coef)
     full.backward()
     want = _grads(model)
     lp_c, ent_c = token_logprobs(model, batch, "sdpa", temperature=0.9, with_entropy=True, chunk_tokens=chunk)
-    chunked = _rl_loss(lp_c, ent_c, batch, ref, old, advantages)
+    chunked = _rl_loss(lp_c, ent_c, batch, ref, old, advantages, entropy_coef)
     chunked.backward()
     got = _grads(model)
     torch.testing.assert_close(lp_c, lp, rtol=0, atol=1e-5)

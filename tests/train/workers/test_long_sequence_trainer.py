@@ -1,6 +1,7 @@
 """``trainer.gradient_checkpointing`` and ``trainer.logits_chunk_tokens``: a training step with checkpointing, tiled
 logits or both equals the plain step (loss, every gradient), for the SFT loss and for an RL objective with an entropy
-bonus; checkpointing really recomputes the layers in the backward; and PolicyTrainer.join applies both keys.
+bonus; checkpointing really recomputes the layers in the backward; PolicyTrainer.join applies both keys; and ZeRO-3 on
+two ranks (the head partitioned) takes the same gradient.
 
 Tolerances (fp32): losses 1e-6 relative; gradients 1e-5 of each tensor's largest magnitude (recomputation repeats
 the same ops; chunking sums the head's gradient in another order: a few ulps of the largest entries).
@@ -130,3 +131,32 @@ def test_policy_trainer_join_applies_both_keys(model_path):
 def test_a_model_without_checkpointing_support_is_refused():
     with pytest.raises(ValueError, match="trainer.gradient_checkpointing"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow  # two Ray actors with DeepSpeed: ~1 min on a loaded machine
+def test_zero3_on_two_ranks_with_both_keys_equals_the_plain_gradient(model_path):
+    """ZeRO-3 partitions the head's weight: the chunks call the head module (its gather hooks run per chunk, and again
+    in the checkpoint's recomputation), and the gathered gradient still equals the plain full-logits one."""
+    ray = pytest.importorskip("ray")
+    from train.workers.actors import TrainerGroup
+    from train.workers.ray_session import init_ray
+
+    batches = [_packed(seed=5), _packed(seed=6)]
+    loss_fn = TokenCrossEntropy(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches))
+    plain = load_model(model_path).train()
+    total = 0.0
+    for batch in batches:
+        loss, _ = loss_fn(token_logprobs(plain, batch, "sdpa")[0], None, batch, {})
+        loss.backward()
+        total += loss.item()
+    want = {n: p.grad.clone() for n, p in plain.named_parameters() if p.grad is not None}
+    init_ray(num_cpus=2)
+    try:
+        group = TrainerGroup(2, model_path, "sdpa", {**TRAINER, "zero_stage": 3, "gradient_checkpointing": True,
+                                                     "logits_chunk_tokens": 7}, micro_batches_per_rank=1)
+        stats = group.train_step(batches, loss_fn, [{}, {}], keep_gradients=True)
+        grads = group.gradients()
+        group.shutdown()
+    finally:
+        ray.shutdown()
+    _assert_same((sum(s["loss_sum"] for s in stats), grads), (total, want), "ZeRO-3, 2 ranks")
