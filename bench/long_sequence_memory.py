@@ -2,7 +2,7 @@
 checkpointing on/off (README "Long sequences").
 
     python bench/long_sequence_memory.py                          # 1k and 4k responses, every configuration
-    python bench/long_sequence_memory.py --lengths 1024 4096 16384 --timeout 1800
+    python bench/long_sequence_memory.py --lengths 16384 --settings plain both --timeout 1800
 
 Each configuration runs in a fresh process (``--worker``), so its peak resident set size
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is its own: one in-process PolicyTrainer rank (world size 1, gloo,
@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 PROMPT_TOKENS = 128
+SETTINGS = {"plain": (False, False), "tiled": (True, False), "checkpointing": (False, True), "both": (True, True)}
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="response tokens")
     parser.add_argument("--phases", nargs="+", default=["sft", "rl"], choices=["sft", "rl"])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="plain | tiled (logits) | checkpointing | both")
     parser.add_argument("--vocab", type=int, default=32_768)
     parser.add_argument("--chunk-tokens", type=int, default=4096, help="trainer.logits_chunk_tokens when tiled")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each measured process")
@@ -185,11 +188,10 @@ def main() -> None:
     rows = []
     for length in args.lengths:
         for phase in args.phases:
-            for tiled in (False, True):
-                for checkpointing in (False, True):
-                    row = run_in_subprocess(Configuration(phase, length, tiled, checkpointing), args)
-                    rows.append(row)
-                    print(json.dumps(row), file=sys.stderr, flush=True)
+            for setting in args.settings:
+                row = run_in_subprocess(Configuration(phase, length, *SETTINGS[setting]), args)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"vocab {args.vocab:,}, chunk {args.chunk_tokens:,} tokens, prompt {PROMPT_TOKENS} tokens, "
