@@ -8,6 +8,11 @@ models (Mamba-2) have no attention mask: their kernels keep packed documents apa
 mamba_ssm / causal_conv1d CUDA kernels). The torch reference implementation (CPU, or no kernels installed)
 cannot reset its state at document boundaries, so there each document runs in its own right-padded row and
 the logits are put back in the packed layout: the caller sees the same batch and the same numbers either way.
+
+Long rows (``trainer.logits_chunk_tokens``): the forward runs the model's backbone to its last hidden states and the
+output head chunk by chunk over tokens (train/models/tiled_logits.py), so the full tokens x vocabulary logits are
+never held, in the forward or the backward. The setting travels on the model (``set_logits_chunk_tokens``), so
+every forward of that model (update, pi_old, reference) takes it; null keeps the full-logits path.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from data_pipelines.shared_prompt import SharedPromptBatch
 from train.models import sequence_parallel
 from train.models.attention import model_inputs
 from train.models.model_zoo import ATTENTION_FREE
+from train.models.tiled_logits import chunked_token_logprobs, label_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,26 @@ PADDED_FALLBACK_MESSAGE = (
     "document boundaries)"
 )
 _padded_fallback_logged = False  # the message above is logged once per process
+CHUNK_ATTRIBUTE = "logits_chunk_tokens"  # set on the model by set_logits_chunk_tokens
+
+
+def _core(model):
+    """The Hugging Face causal LM under a DeepSpeed engine (``.module``) and peft's wrapper (LoRA layers stay in it)."""
+    core = getattr(model, "module", model)
+    return core.get_base_model() if hasattr(core, "get_base_model") else core
+
+
+def set_logits_chunk_tokens(model, chunk_tokens: int | None) -> None:
+    """Make every ``token_logprobs`` of ``model`` (a DeepSpeed engine or an HF model) compute its logits in chunks
+    of ``chunk_tokens`` tokens (``trainer.logits_chunk_tokens``); None: the full logits."""
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or int(chunk_tokens) != chunk_tokens or chunk_tokens < 1):
+        raise ValueError(f"trainer.logits_chunk_tokens={chunk_tokens} must be an integer >= 1 or null (full logits)")
+    setattr(getattr(model, "module", model), CHUNK_ATTRIBUTE, None if chunk_tokens is None else int(chunk_tokens))
+
+
+def logits_chunk_tokens(model) -> int | None:
+    """The chunk size ``set_logits_chunk_tokens`` gave ``model``; None (full logits) by default."""
+    return getattr(getattr(model, "module", model), CHUNK_ATTRIBUTE, None)
 
 
 def is_ssm(model) -> bool:
@@ -43,8 +69,9 @@ def ssm_kernels_available(device: torch.device) -> bool:
     return device.type == "cuda" and all(importlib.util.find_spec(p) is not None for p in ("mamba_ssm", "causal_conv1d"))
 
 
-def ssm_logits(model, batch: PackedBatch) -> torch.Tensor:
-    """Logits [rows, seq, vocab] of a Mamba-2 model on packed rows, documents kept apart."""
+def ssm_logits(model, batch: PackedBatch, hidden: bool = False) -> torch.Tensor:
+    """Logits [rows, seq, vocab] of a Mamba-2 model on packed rows, documents kept apart; with ``hidden``, the
+    backbone's last hidden states [rows, seq, d] instead (zeros on the tail padding in the fallback)."""
     if not batch.plain:
         raise ValueError(
             "Mamba-2 has no attention mask, so it cannot run single-pass multi-turn documents (per-turn visibility); "
@@ -56,8 +83,8 @@ def ssm_logits(model, batch: PackedBatch) -> torch.Tensor:
         # Mamba2ForCausalLM.forward does not pass seq_idx on (transformers 5.23), so call backbone + head.
         # Not exercised by the CPU test suite.
         seq_idx = torch.where(batch.doc_ids >= 0, batch.doc_ids, len(batch.sample_ids)).to(torch.int32)  # [rows, seq]
-        hidden = core.backbone(input_ids=batch.input_ids, seq_idx=seq_idx, use_cache=False).last_hidden_state
-        return core.lm_head(hidden.to(core.lm_head.weight.dtype)).float()
+        states = core.backbone(input_ids=batch.input_ids, seq_idx=seq_idx, use_cache=False).last_hidden_state
+        return states if hidden else core.lm_head(states.to(core.lm_head.weight.dtype)).float()
     global _padded_fallback_logged
     if not _padded_fallback_logged:
         log.warning(PADDED_FALLBACK_MESSAGE)
@@ -65,11 +92,15 @@ def ssm_logits(model, batch: PackedBatch) -> torch.Tensor:
     pad_id = core.config.pad_token_id if core.config.pad_token_id is not None else 0
     padded, source = one_document_per_row(batch, pad_id)  # [docs, width]
     on_token = source >= 0
-    logits = model(input_ids=padded.input_ids, attention_mask=on_token.long(), use_cache=False).logits  # [docs, width, vocab]
+    if hidden:  # Mamba2ForCausalLM.forward = backbone + lm_head
+        logits = _core(model).backbone(input_ids=padded.input_ids, attention_mask=on_token.long(),
+                                       use_cache=False).last_hidden_state  # [docs, width, d]
+    else:
+        logits = model(input_ids=padded.input_ids, attention_mask=on_token.long(), use_cache=False).logits  # [docs, width, vocab]
     rows, seq = batch.input_ids.shape
     packed = logits.new_zeros(rows * seq, logits.size(-1))
     packed[source[on_token]] = logits[on_token]
-    return packed.view(rows, seq, -1)  # [rows, seq, vocab], zeros on the tail padding
+    return packed.view(rows, seq, -1)  # [rows, seq, vocab] (or d), zeros on the tail padding
 
 
 def causal_lm_logits(model, batch: PackedBatch, backend: str) -> torch.Tensor:
@@ -79,10 +110,18 @@ def causal_lm_logits(model, batch: PackedBatch, backend: str) -> torch.Tensor:
     return model(**model_inputs(batch, backend), use_cache=False).logits
 
 
-def shared_prompt_logits(model, batch: SharedPromptBatch) -> torch.Tensor:
+def causal_lm_hidden(model, batch: PackedBatch, backend: str) -> torch.Tensor:
+    """The last hidden states [rows, seq, d] that ``causal_lm_logits`` turns into logits (the output head's input)."""
+    if is_ssm(model):
+        return ssm_logits(model, batch, hidden=True)
+    return _core(model).get_decoder()(**model_inputs(batch, backend), use_cache=False).last_hidden_state
+
+
+def shared_prompt_logits(model, batch: SharedPromptBatch, hidden: bool = False) -> torch.Tensor:
     """Logits [responses, R, vocab] of a SharedPromptBatch (data_pipelines/shared_prompt.py): position j
     predicts response token j. The prompts run once with a KV cache; each response runs on a copy of its
-    prompt's keys and values (indexing keeps the autograd graph, so gradients flow back into the prompt pass)."""
+    prompt's keys and values (indexing keeps the autograd graph, so gradients flow back into the prompt pass).
+    With ``hidden``: the backbone's last hidden states [responses, R, d] instead (the output head's input)."""
     from transformers import DynamicCache
 
     device = batch.prompt_ids.device
@@ -90,23 +129,32 @@ def shared_prompt_logits(model, batch: SharedPromptBatch) -> torch.Tensor:
     width_r = batch.response_ids.shape[1]
     prompt_mask = (torch.arange(width_p, device=device) < batch.prompt_lengths[:, None]).long()  # [prompts, P]
     cache = DynamicCache()
-    out = model(input_ids=batch.prompt_ids, attention_mask=prompt_mask, past_key_values=cache, use_cache=True,
+    run = _core(model).get_decoder() if hidden else model
+
+    def states(out):
+        return out.last_hidden_state if hidden else out.logits
+
+    out = run(input_ids=batch.prompt_ids, attention_mask=prompt_mask, past_key_values=cache, use_cache=True,
                 position_ids=torch.arange(width_p, device=device).expand(num_prompts, -1))
-    last = out.logits[torch.arange(num_prompts, device=device), batch.prompt_lengths - 1]  # [prompts, vocab]
+    last = states(out)[torch.arange(num_prompts, device=device), batch.prompt_lengths - 1]  # [prompts, vocab]
     cache = out.past_key_values
     cache.batch_select_indices(batch.owner)  # [responses, heads, P, head_dim] per layer
     response_mask = (torch.arange(width_r, device=device) < batch.response_lengths[:, None]).long()
     positions = batch.prompt_lengths[batch.owner, None] + torch.arange(width_r, device=device)  # [responses, R]
-    logits = model(input_ids=batch.response_ids, attention_mask=torch.cat([prompt_mask[batch.owner], response_mask], 1),
-                   position_ids=positions, past_key_values=cache, use_cache=True).logits  # [responses, R, vocab]
+    logits = states(run(input_ids=batch.response_ids, attention_mask=torch.cat([prompt_mask[batch.owner], response_mask], 1),
+                        position_ids=positions, past_key_values=cache, use_cache=True))  # [responses, R, vocab or d]
     return torch.cat([last[batch.owner, None], logits[:, :-1]], dim=1)
 
 
 def token_logprobs(
-    model, batch: PackedBatch | SharedPromptBatch, backend: str, temperature: float = 1.0, with_entropy: bool = False
+    model, batch: PackedBatch | SharedPromptBatch, backend: str, temperature: float = 1.0, with_entropy: bool = False,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(x_{t+1} | x_{<=t}) for every position, [rows, seq-1]; entropy of pi(.|x_{<=t}) if asked.
-    For a SharedPromptBatch: log pi(y_j | prompt, y_{<j}) for every response token, [responses, R]."""
+    For a SharedPromptBatch: log pi(y_j | prompt, y_{<j}) for every response token, [responses, R].
+    ``chunk_tokens`` (default: the model's ``set_logits_chunk_tokens``): the output head and softmax run on that many
+    tokens at a time (train/models/tiled_logits.py); None: on the full logits."""
+    chunk_tokens = chunk_tokens if chunk_tokens is not None else logits_chunk_tokens(model)
     if isinstance(batch, SharedPromptBatch):
         if sequence_parallel.of(model) is not None:
             raise ValueError("trainer.share_prompt runs whole sequences; with trainer.sequence_parallel_size > 1 set "
@@ -114,48 +162,47 @@ def token_logprobs(
         if backend != "sdpa":  # the response pass reads a right-padded prompt cache through a 2D padding mask
             raise ValueError(f"trainer.share_prompt runs under model.attn_backend=sdpa only, got {backend}; "
                              "set trainer.share_prompt=auto or false")
-        logits = shared_prompt_logits(model, batch).float()  # [responses, R, vocab]
         targets = batch.response_ids
+        if chunk_tokens is not None:
+            hidden = shared_prompt_logits(model, batch, hidden=True)  # [responses, R, d]
+            return _chunked(model, hidden, targets, chunk_tokens, temperature, with_entropy)
+        logits = shared_prompt_logits(model, batch)  # [responses, R, vocab]
     elif (sp := sequence_parallel.of(model)) is not None:  # this rank's slice of every row (Ulysses SP)
         inputs, targets = sp.inputs(batch)  # targets [rows, L], shifted over the whole row before slicing
-        logits = model(**inputs, use_cache=False).logits.float()  # [rows, L, vocab]
+        if chunk_tokens is not None:
+            hidden = _core(model).get_decoder()(**inputs, use_cache=False).last_hidden_state  # [rows, L, d]
+            logprobs, entropy = _chunked(model, hidden, targets, chunk_tokens, temperature, with_entropy)
+        else:
+            logprobs, entropy = label_logprobs(model(**inputs, use_cache=False).logits, targets, temperature, with_entropy)
+        seq = batch.input_ids.shape[1]  # whole rows again: [rows, seq-1]
+        return sp.gather(logprobs, seq), (sp.gather(entropy, seq) if entropy is not None else None)
     else:
-        logits = causal_lm_logits(model, batch, backend)[:, :-1].float()  # [rows, seq-1, vocab]
         targets = batch.input_ids[:, 1:]  # [rows, seq-1]
-    if temperature != 1.0:
-        logits = logits / temperature
-    log_probs = torch.log_softmax(logits, dim=-1)
-    logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:  # differentiable (the RL entropy bonus); a diagnostic otherwise
-        entropy = _Entropy.apply(log_probs) if log_probs.requires_grad else -(log_probs.exp() * log_probs).sum(-1)
-    if isinstance(batch, PackedBatch) and (sp := sequence_parallel.of(model)) is not None:  # whole rows again
-        seq = batch.input_ids.shape[1]
-        logprobs, entropy = sp.gather(logprobs, seq), (sp.gather(entropy, seq) if entropy is not None else None)
-    return logprobs, entropy
+        if chunk_tokens is not None:
+            hidden = causal_lm_hidden(model, batch, backend)[:, :-1]  # [rows, seq-1, d]
+            return _chunked(model, hidden, targets, chunk_tokens, temperature, with_entropy)
+        logits = causal_lm_logits(model, batch, backend)[:, :-1]  # [rows, seq-1, vocab]
+    # the entropy is differentiable (the RL entropy bonus); a diagnostic otherwise
+    return label_logprobs(logits, targets, temperature, with_entropy)
 
 
-class _Entropy(torch.autograd.Function):
-    """H = -sum_j p_j log p_j from log-probs [..., vocab]. Saves only its input, which log_softmax's backward keeps
-    anyway (so no second vocab-sized tensor is held, as ``-(lp.exp() * lp).sum(-1)`` under autograd would);
-    dH/dlog p_j = -p_j (log p_j + 1)."""
-
-    @staticmethod
-    def forward(ctx, log_probs):
-        ctx.save_for_backward(log_probs)
-        return -(log_probs.exp() * log_probs).sum(-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (log_probs,) = ctx.saved_tensors
-        return -grad.unsqueeze(-1) * log_probs.exp() * (log_probs + 1.0)
+def _chunked(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, temperature: float,
+             with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = _core(model).get_output_embeddings()
+    return chunked_token_logprobs(hidden.to(head.weight.dtype), head, targets, chunk_tokens, temperature, with_entropy)
 
 
-def sft_loss_sum(model, batch: PackedBatch, backend: str) -> tuple[torch.Tensor, int]:
+def sft_loss_sum(model, batch: PackedBatch, backend: str, chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over loss tokens, number of loss tokens). Divide by the total over the
-    accumulation window so that gradient accumulation equals one large batch."""
-    logits = causal_lm_logits(model, batch, backend)[:, :-1].float()
+    accumulation window so that gradient accumulation equals one large batch. ``chunk_tokens`` (default: the
+    model's setting): the cross-entropy from chunked log-probs (``token_logprobs``), never the full logits."""
     targets = batch.labels[:, 1:]
+    chunk_tokens = chunk_tokens if chunk_tokens is not None else logits_chunk_tokens(model)
+    if chunk_tokens is not None:
+        logprobs, _ = token_logprobs(model, batch, backend, chunk_tokens=chunk_tokens)
+        trained = targets != IGNORE_INDEX
+        return -logprobs[trained].sum(), int(trained.sum())
+    logits = causal_lm_logits(model, batch, backend)[:, :-1].float()
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())
 

@@ -65,12 +65,14 @@ class RLSetup:
 
 def share_prompt(cfg, model_path: str, multi_turn: bool) -> bool:
     """trainer.share_prompt: the update (and log-prob forwards) run each prompt once for its G responses
-    (data_pipelines/shared_prompt.py); auto = on for single-turn rollouts of attention models under sdpa."""
+    (data_pipelines/shared_prompt.py); auto = on for single-turn rollouts of attention models under sdpa, without
+    trainer.gradient_checkpointing (Hugging Face's checkpointed layers drop the prompt's KV cache)."""
     wanted = cfg.trainer.get("share_prompt", "auto")
     attention_free = AutoConfig.from_pretrained(model_path).model_type in ATTENTION_FREE
     if wanted is True and attention_free:
         raise ConfigError("trainer.share_prompt=true needs an attention model (a KV cache to share); this model is "
                           "attention-free: set trainer.share_prompt=auto or false")
     whole_rows = int(cfg.trainer.get("sequence_parallel_size", 1) or 1) == 1  # SP splits rows; a shared prompt cannot be
+    checkpointed = bool(cfg.trainer.get("gradient_checkpointing", False))  # checkpointed layers drop the KV cache
     return wanted is True or (wanted == "auto" and cfg.model.attn_backend == "sdpa" and not multi_turn and not attention_free
-                              and whole_rows)
+                              and whole_rows and not checkpointed)

@@ -96,7 +96,7 @@ def start_actors(cfg, start_path: str, model_path: str, driver_rewards, kl_beta:
             # on the device its placement grants, in the trainer's precision
             reference = ray.remote(ReferenceWorker).options(**places.reference).remote(
                 model_path, cfg.model.attn_backend, **reference_settings(places.reference, t_cfg.get("precision", "auto")),
-                num_threads=threads.reference)
+                num_threads=threads.reference, logits_chunk_tokens=t_cfg.get("logits_chunk_tokens"))
             stack.callback(_stop, "the reference model", lambda: ray.kill(reference))
         momentum_pool = None
         if momentum_workers:  # AAPO: the momentum model starts as the initial policy

@@ -217,6 +217,8 @@ def check_sft(cfg: DictConfig) -> None:
     for key in ("world_size", "zero_stage"):
         _require(cfg.trainer.get(key) is not None, f"trainer.{key} is not set: SFT runs need trainer=default (or set trainer.{key})")
     check_zero(cfg.trainer)
+    check_logits_chunk_tokens(cfg.trainer)
+    check_gradient_checkpointing(cfg.trainer)
     check_trainer_world(cfg.trainer, cfg.cluster)
     check_lora(cfg.model.get("lora"))
     check_sequence_parallel(cfg)
@@ -310,6 +312,8 @@ def check_rl(cfg: DictConfig) -> None:
     _require(t.lr > 0, f"trainer.lr={t.lr} must be > 0")
     _require(t.max_steps is not None and t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
     check_zero(t)
+    check_logits_chunk_tokens(t)
+    check_gradient_checkpointing(t)
     _require(t.world_size >= 1, f"trainer.world_size={t.world_size} must be >= 1")
     check_lora(cfg.model.get("lora"))
     _require(t.ppo_epochs >= 1, f"trainer.ppo_epochs={t.ppo_epochs} must be >= 1")
@@ -486,3 +490,20 @@ def check_sequence_parallel(cfg: DictConfig) -> None:
     """All ``trainer.sequence_parallel_size`` checks of a run (SFT and RL)."""
     check_sequence_parallel_size(cfg.trainer, cfg.model.attn_backend)
     check_sequence_parallel_model(policy_config(cfg.model), int(cfg.trainer.get("sequence_parallel_size", 1)))
+
+
+def check_logits_chunk_tokens(t: DictConfig) -> None:
+    """``trainer.logits_chunk_tokens``: tokens per chunk of the tiled logits (train/models/tiled_logits.py), or null."""
+    chunk = t.get("logits_chunk_tokens")
+    _require(chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1),
+             f"trainer.logits_chunk_tokens={chunk!r} must be an integer >= 1 (tokens per logits chunk, e.g. 4096) "
+             "or null (the full logits)")
+
+
+def check_gradient_checkpointing(t: DictConfig) -> None:
+    """``trainer.gradient_checkpointing``: a bool; it drops the KV cache that ``trainer.share_prompt=true`` needs."""
+    checkpointed = t.get("gradient_checkpointing", False)
+    _require(isinstance(checkpointed, bool), f"trainer.gradient_checkpointing={checkpointed!r} must be true or false")
+    _require(not (checkpointed and t.get("share_prompt", "auto") is True),
+             "trainer.gradient_checkpointing=true recomputes layers without the prompt KV cache that "
+             "trainer.share_prompt=true reads: set trainer.share_prompt=auto (off under checkpointing) or false")

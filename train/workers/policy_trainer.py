@@ -31,7 +31,7 @@ import torch
 from data_pipelines.packing import PackedBatch
 from train.models import lora as lora_adapters
 from train.models import sequence_parallel
-from train.models.forward import token_logprobs
+from train.models.forward import set_logits_chunk_tokens, token_logprobs
 from train.models.model_zoo import load_model
 from train.models.runtime import component_dtype
 from train.run.lr_schedule import restore as restore_lr_schedule
@@ -101,6 +101,21 @@ def deepspeed_config(trainer_cfg: dict, world_size: int, micro_batches_per_rank:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """``trainer.gradient_checkpointing``: every decoder layer's activations are recomputed in the backward instead of
+    kept (Hugging Face's per-layer checkpointing, non-reentrant: exact, and it works with frozen inputs under LoRA).
+    Active in training mode only, so the no-grad log-prob forwards run as before."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft: the HF model
+    if not getattr(core, "supports_gradient_checkpointing", False):
+        raise ValueError(f"trainer.gradient_checkpointing=true: {type(core).__name__} does not support Hugging Face "
+                         "gradient checkpointing; set trainer.gradient_checkpointing=false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(core, "activation_checkpointing_enable"):  # transformers 5's name; gradient_checkpointing_enable warns
+        core.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        core.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class PolicyTrainer:
@@ -186,6 +201,11 @@ class PolicyTrainer:
         model.train()
         # trainer.sequence_parallel_size: groups of SP consecutive ranks split every row (train/models/sequence_parallel.py)
         self.sequence_parallel = sequence_parallel.enable(model, sequence_parallel.sp_size(trainer_cfg))
+        # long sequences: per-layer activation recomputation, and the logits computed a chunk of tokens at a time
+        # (train/models/tiled_logits.py) in every forward of this model
+        if trainer_cfg.get("gradient_checkpointing", False):
+            enable_gradient_checkpointing(model)
+        set_logits_chunk_tokens(model, trainer_cfg.get("logits_chunk_tokens"))
         self.config = deepspeed_config(trainer_cfg, self.world_size, self.micro_batches_per_rank, on_gpu)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.config

@@ -1,9 +1,9 @@
-"""The differentiable entropy of train/models/forward.py (the RL entropy bonus): value and gradient equal autograd
+"""The differentiable entropy of train/models/tiled_logits.py (the RL entropy bonus): value and gradient equal autograd
 through -sum p log p in float64, and it keeps no tensor beyond log_softmax's own output."""
 
 import torch
 
-from train.models.forward import _Entropy
+from train.models.tiled_logits import _Entropy
 
 
 def test_entropy_value_and_gradient_equal_the_naive_formula():
