@@ -232,7 +232,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl-threads", type=int, default=None)
     parser.add_argument("--plot", default="rl_scaling.png", help="PNG path")
-    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--json", default=None, help="also write the raw results here (after every point)")
+    parser.add_argument("--previous", default=None,
+                        help="a --json file of an earlier run: its points are reported with this run's and not rerun")
     parser.add_argument("--child", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     points = ([tuple(int(v) for v in p.split(",")) for p in args.points] if args.points
@@ -244,8 +246,12 @@ def main() -> None:
         logging.basicConfig(level=logging.WARNING)
         print(MARK + json.dumps(child(args.child, *points[0], args)), flush=True)
         return
-    results = []
-    for point in points:
+    results = json.loads(Path(args.previous).read_text()) if args.previous else []
+    done = {tuple(r["point"][k] for k in ("width", "length", "group")) for r in results}
+    todo = [p for p in points if p not in done]
+    if not todo and results:
+        write_report(results, args)
+    for point in todo:
         sides = {side: run_point(side, point, args) for side in ("ours", "trl")}
         width, length, group = point
         results.append({"point": {"width": width, "length": length, "group": group}, "params": sides["ours"]["params"], **sides})

@@ -42,3 +42,11 @@ def test_ratio_rows_take_medians_and_divide_trl_by_ours(bench):
     assert row["ours_s"] == 2.0 and row["trl_s"] == 5.0 and row["speedup"] == pytest.approx(2.5)
     assert (row["ours_rss"], row["ours_rss_max"], row["trl_rss"]) == (900.0, 400.0, 600.0)
     assert "2.50x" in bench.table([row])
+
+
+def test_plot_writes_a_png_of_the_three_axes(bench, tmp_path):
+    rows = [{"width": w, "length": n, "group": g, "ours_s": 1.0 + i, "trl_s": 2.0 + i, "speedup": (2.0 + i) / (1.0 + i),
+             "ours_rss": 900.0, "ours_rss_max": 400.0, "trl_rss": 600.0, "params": 1}
+            for i, (w, n, g) in enumerate(bench.grid([64, 256], [96, 384], [4, 8]))]
+    bench.plot(rows, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
