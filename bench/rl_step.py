@@ -154,7 +154,7 @@ def run_ours(cfg, warmup: int) -> dict:
 
 def threads_of(cfg) -> tuple:
     """Torch threads per trainer rank and per rollout worker, as the recipe sets them."""
-    from train.rl.startup import cpu_threads
+    from train.run.threads import cpu_threads
 
     overlap = int(cfg.rollout.get("async_steps", 0)) == 1
     trainer, rollout = cpu_threads(os.cpu_count() or 1, cfg.trainer.world_size, cfg.rollout.num_workers, overlap,

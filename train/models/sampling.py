@@ -5,6 +5,8 @@ Same distribution as ``model.generate(do_sample=True, temperature=T, top_p=p, to
 - rows that have produced eos leave the batch (their KV-cache rows are dropped once a quarter of the batch has
   finished), so the step cost follows the rows still generating instead of the longest one;
 - the prompt is computed once for its ``group_size`` samples (its KV-cache rows are then repeated);
+- the KV cache is allocated once for prompt + budget and filled in place (train/models/preallocated_cache.py),
+  where Hugging Face's dynamic cache copies itself with ``torch.cat`` at every token;
 - a token is drawn by inverse-CDF sampling, one uniform number per row (``torch.multinomial`` draws one
   exponential per vocabulary entry), from a ``torch.Generator`` seeded per call.
 
@@ -19,7 +21,8 @@ Greedy decoding (temperature 0) takes the argmax and gives exactly ``generate``'
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+
+from train.models.preallocated_cache import preallocated_cache
 
 from train.models.forward import is_ssm
 
@@ -90,7 +93,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         return (out, out_logprobs) if return_logprobs else out
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: the first real token is position 0
-    cache = DynamicCache()
+    # buffers for the prompt and every new token, written in place (no per-step torch.cat of the whole cache)
+    cache = preallocated_cache(model.config.get_text_config().num_hidden_layers, input_ids.shape[1] + max_new_tokens)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]
     if group_size > 1:  # one prefill per prompt; its samples start from copies of its cache rows
