@@ -17,8 +17,9 @@ The table also gives each process's resident memory after the engine is built (`
 imports), what the step added (``step MB`` = peak - start) and the tokens/s of the step (prompt + response tokens over
 the wall time of this first step; RL: both passes).
 
-``trainer.sequence_parallel_size`` (SP) adds an ``sp`` to ``Configuration`` and rows at SP 2 (two ranks: the peak is
-per rank); this script runs SP 1 only.
+``--sp 1 2`` adds rows at ``trainer.sequence_parallel_size=2`` (train/models/sequence_parallel.py): the process then
+starts a local Ray and a TrainerGroup of SP ranks (one data-parallel group, every rank holding a slice of the row);
+``start MB`` / ``peak MB`` are the largest over the ranks (each rank's own ``ru_maxrss``), so the peak is per rank.
 """
 
 import argparse
@@ -46,12 +47,12 @@ class Configuration:
     response_tokens: int
     tiled: bool  # trainer.logits_chunk_tokens = chunk_tokens (else null)
     checkpointing: bool  # trainer.gradient_checkpointing
-    sp: int = 1  # trainer.sequence_parallel_size (ranks holding one sequence); 1 here
+    sp: int = 1  # trainer.sequence_parallel_size: ranks sharing one sequence (the peak is per rank)
 
     def trainer_cfg(self, chunk_tokens: int) -> dict:
         return {"lr": 1e-5, "betas": [0.9, 0.95], "weight_decay": 0.0, "max_grad_norm": 1.0, "zero_stage": 0,
                 "precision": "fp32", "logits_chunk_tokens": chunk_tokens if self.tiled else None,
-                "gradient_checkpointing": self.checkpointing}
+                "gradient_checkpointing": self.checkpointing, "sequence_parallel_size": self.sp}
 
 
 def build_model(directory: Path, vocab: int, max_positions: int) -> str:
@@ -105,14 +106,20 @@ def measure(config: Configuration, model_path: str, vocab: int, chunk_tokens: in
     from train.sft.loss import TokenCrossEntropy
     from train.workers.policy_trainer import PolicyTrainer
 
-    if config.sp != 1:
-        raise ValueError(f"sp={config.sp}: this script measures trainer.sequence_parallel_size=1 only")
     torch.set_num_threads(threads)
-    trainer = PolicyTrainer(0, 1, model_path, "sdpa", config.trainer_cfg(chunk_tokens), micro_batches_per_rank=1,
-                            num_threads=threads)
-    trainer.join(*trainer.open_rendezvous())
     batch = make_batch(config.response_tokens, vocab)
-    start_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if config.sp == 1:
+        trainer = PolicyTrainer(0, 1, model_path, "sdpa", config.trainer_cfg(chunk_tokens), micro_batches_per_rank=1,
+                                num_threads=threads)
+        trainer.join(*trainer.open_rendezvous())
+    else:  # SP ranks as the recipes start them (Ray actors); each reports its own peak
+        from train.workers.actors import TrainerGroup
+        from train.workers.ray_session import init_ray
+
+        init_ray(num_cpus=config.sp)
+        trainer = TrainerGroup(config.sp, model_path, "sdpa", config.trainer_cfg(chunk_tokens), micro_batches_per_rank=1,
+                               num_threads=threads)
+    start_kb = max_rss_kb(trainer)
     began = time.perf_counter()
     if config.phase == "sft":
         stats = trainer.train_step([batch], TokenCrossEntropy(config.response_tokens), [{}])
@@ -121,10 +128,26 @@ def measure(config: Configuration, model_path: str, vocab: int, chunk_tokens: in
         extra = {"advantages": torch.tensor([1.0]), "old_logprobs": old, "ref_logprobs": None}
         stats = trainer.train_step([batch], grpo_loss(float(config.response_tokens), entropy_coef), [extra])
     seconds = time.perf_counter() - began
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch.distributed.destroy_process_group()
+    peak_kb = max_rss_kb(trainer)
+    if config.sp == 1:
+        torch.distributed.destroy_process_group()
+    else:
+        trainer.shutdown()
+        stats = stats[0]  # the group's (every rank of one SP group computes the same whole-row loss)
     return {**asdict(config), "start_mb": start_kb / 1024, "peak_mb": peak_kb / 1024, "seconds": seconds,
             "tokens_per_s": batch.input_ids.numel() / seconds, "loss": float(stats["loss_sum"])}
+
+
+def own_peak_kb(_actor=None) -> int:
+    """This process's peak RSS in KiB (Linux ``ru_maxrss``); runs in a rank through ``__ray_call__`` too."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def max_rss_kb(trainer) -> int:
+    """The peak RSS so far of the measured rank(s): this process for SP 1, the largest over the Ray ranks else."""
+    if not hasattr(trainer, "ranks"):
+        return own_peak_kb()
+    return max(trainer._get([rank.__ray_call__.remote(own_peak_kb) for rank in trainer.ranks], "peak RSS"))
 
 
 def run_in_subprocess(config: Configuration, args) -> dict:
@@ -132,7 +155,8 @@ def run_in_subprocess(config: Configuration, args) -> dict:
     command = [sys.executable, __file__, "--worker", json.dumps(asdict(config)), "--model", args.model_path,
                "--vocab", str(args.vocab), "--chunk-tokens", str(args.chunk_tokens), "--threads", str(args.threads),
                "--entropy-coef", str(args.entropy_coef)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # the ranks import this tree
     try:
         done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=REPO)
     except subprocess.TimeoutExpired:
@@ -173,6 +197,7 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=4096, help="trainer.logits_chunk_tokens when tiled")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each measured process")
     parser.add_argument("--entropy-coef", type=float, default=0.001, help="RL: the entropy bonus (0: no entropy grad)")
+    parser.add_argument("--sp", type=int, nargs="+", default=[1], help="trainer.sequence_parallel_size values")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per configuration")
     parser.add_argument("--cache", default=str(REPO / ".cache" / "bench"), help="where the model is saved")
     parser.add_argument("--json", help="also write the rows to this file")
@@ -188,14 +213,15 @@ def main() -> None:
     rows = []
     for length in args.lengths:
         for phase in args.phases:
-            for setting in args.settings:
-                row = run_in_subprocess(Configuration(phase, length, *SETTINGS[setting]), args)
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+            for sp in args.sp:
+                for setting in args.settings:
+                    row = run_in_subprocess(Configuration(phase, length, *SETTINGS[setting], sp=sp), args)
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"vocab {args.vocab:,}, chunk {args.chunk_tokens:,} tokens, prompt {PROMPT_TOKENS} tokens, "
-          f"{args.threads} thread(s) per process, fp32, 1 rank")
+          f"{args.threads} thread(s) per process, fp32, ZeRO-0; SP {args.sp}: peak per rank")
     print(table(rows))
 
 

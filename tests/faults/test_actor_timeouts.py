@@ -81,6 +81,33 @@ def test_a_rollout_worker_past_the_limit_is_killed_replaced_and_named(ray_sessio
         pool.shutdown()
 
 
+class _StuckReference:
+    """A KL reference model that never answers."""
+
+    def logprobs(self, batches):
+        time.sleep(600)
+
+
+def test_a_stuck_reference_model_is_named_within_the_trainer_limit(ray_session):
+    from types import SimpleNamespace
+
+    from train.rl.logprobs import record_logprobs
+    from train.rl.step_metrics import PhaseTimer
+    from train.workers.actors import ActorTimeout
+
+    reference = ray.remote(_StuckReference).options(num_cpus=0).remote()
+    trainer = SimpleNamespace(timeout_s=1.5)  # record_logprobs reads the trainer group's limit
+    updates = [SimpleNamespace(micro=[object()])]
+    start = time.monotonic()
+    try:
+        with pytest.raises(ActorTimeout, match=r"^the KL reference model gave no answer to reference log-probs within "
+                                               r"cluster\.actor_timeout_s=1\.5 s$"):
+            record_logprobs(trainer, reference, updates, need_old=False, timer=PhaseTimer())
+    finally:
+        ray.kill(reference)
+    assert time.monotonic() - start < 30
+
+
 def test_rl_start_up_past_the_limit_stops_with_the_resume_command(compose, tmp_path):
     from tests.train.rl.test_rl import FAST_RL
     from train.__main__ import is_user_error, user_message

@@ -176,7 +176,8 @@ def enable(model, size: int):
 
 def of(model) -> SequenceParallel | None:
     """The ``SequenceParallel`` of ``model`` (or of the module a DeepSpeed engine / peft wrapper holds)."""
-    sp = vars(model).get("sequence_parallel")
-    if sp is None and isinstance(vars(model).get("_modules"), dict) and "module" in vars(model)["_modules"]:
-        sp = vars(model)["_modules"]["module"].__dict__.get("sequence_parallel")  # a DeepSpeed engine
+    attributes = getattr(model, "__dict__", {})  # not getattr(model, ...): torch modules resolve submodules there
+    sp = attributes.get("sequence_parallel")
+    if sp is None and isinstance(attributes.get("_modules"), dict) and "module" in attributes["_modules"]:
+        sp = attributes["_modules"]["module"].__dict__.get("sequence_parallel")  # a DeepSpeed engine
     return sp

@@ -17,7 +17,7 @@ class StepLogprobs(NamedTuple):
 
 
 def record_logprobs(trainer, reference, updates, need_old: bool, timer) -> StepLogprobs:
-    import ray
+    from train.workers.actors import wait_all
 
     old = [[None] * len(u.micro) for u in updates]
     masks = [[None] * len(u.micro) for u in updates]
@@ -29,5 +29,8 @@ def record_logprobs(trainer, reference, updates, need_old: bool, timer) -> StepL
     if reference is not None:
         with timer("reference"):
             for k, u in enumerate(updates):
-                ref[k] = [per_document(lp, b)[0] for lp, b in zip(ray.get(reference.logprobs.remote(u.micro)), u.micro)]
+                # within cluster.actor_timeout_s, as every wait on an actor (the trainer group's limit)
+                reference_lps = wait_all([reference.logprobs.remote(u.micro)], ["the KL reference model"],
+                                         "reference log-probs", getattr(trainer, "timeout_s", None))[0]
+                ref[k] = [per_document(lp, b)[0] for lp, b in zip(reference_lps, u.micro)]
     return StepLogprobs(old, masks, ref)

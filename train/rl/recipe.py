@@ -40,11 +40,11 @@ def run(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> 
     from train.workers.run_stops import stop_message
 
     run_dir = Path(cfg.run_dir)
-    if cfg.cluster.get("num_threads"):  # the driver's own torch work: held-out evaluation, checkpoint conversion
+    if cfg.cluster.get("num_threads"):  # the driver's own torch work: packing, advantages, checkpoint conversion
         torch.set_num_threads(cfg.cluster.num_threads)
     seed_everything(cfg.seed)
     setup = RLSetup.from_config(cfg)
-    hf_model = load_model(setup.model_path)  # the driver's copy, only for HF-format checkpoints and evaluation
+    hf_model = load_model(setup.model_path)  # the driver's copy, for HF-format checkpoints (evaluation: rollout workers)
     check_lora_targets(hf_model, cfg.model.get("lora"))  # before any actor starts
     loop = None
     try:  # a failure in start-up (a trainer rank stuck past cluster.actor_timeout_s) names the way back too
