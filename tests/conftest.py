@@ -110,3 +110,50 @@ def two_node_ray():
 
     with loopback_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray with 4 CPUs for one test module's actors, shut down after the module (modules that need
+    another size define their own)."""
+    ray = pytest.importorskip("ray")
+    from train.workers.ray_session import init_ray
+
+    init_ray(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+def tiny_model_path(model_cache: Path, seed: int, arch: dict | None = None) -> str:
+    """Directory of the test-size tiny model built from ``seed`` (``arch``: TEST_ARCH unless given), built once
+    per session in ``model_cache``."""
+    from omegaconf import OmegaConf
+
+    from train.models.model_zoo import resolve_model_path
+
+    tiny = {"vocab_size": 384, "seed": seed, "arch": dict(arch or TEST_ARCH)}
+    return str(resolve_model_path(OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": tiny})))
+
+
+def rewind_checkpoints(run_dir: Path, step: int) -> None:
+    """Make ``run_dir`` look like a run that died right after its step-``step`` checkpoint: the later
+    ``checkpoints/step_*`` directories are removed and ``checkpoints/latest`` names ``step_<step>``."""
+    import shutil
+
+    ckpts = Path(run_dir) / "checkpoints"
+    assert (ckpts / f"step_{step}").is_dir(), f"no checkpoint step_{step} in {ckpts}"
+    for later in ckpts.glob("step_*"):
+        if later.is_dir() and int(later.name.removeprefix("step_")) > step:
+            shutil.rmtree(later)
+    (ckpts / "latest").write_text(f"step_{step}")
+
+
+def arithmetic_documents(tokenizer, count: int, seed: int, **spec) -> list:
+    """``count`` synthetic arithmetic chats (ArithmeticSpec(verbosity=0.5, **spec), generator ``seed``) as
+    training documents: token ids, the assistant-token loss mask and the row id."""
+    from data_pipelines.arithmetic import ArithmeticSpec, generate
+    from data_pipelines.chat_format import chat_ids
+    from data_pipelines.packing import Document
+
+    rows = generate(ArithmeticSpec(**{"verbosity": 0.5, **spec}), count, seed=seed)
+    return [Document(*chat_ids(tokenizer, row["messages"]), sample_id=row["id"]) for row in rows]

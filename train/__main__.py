@@ -10,16 +10,14 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import importlib
-import logging
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from train.run import errors
 from train.run.config_checks import ConfigError
-from train.run.errors import run_or_exit
+from train.run.errors import run_hydra_job
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 RECIPES = {"sft": "train.sft.recipe", "rl": "train.rl.recipe"}
@@ -35,11 +33,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    if cfg.run_dir is None:
-        with open_dict(cfg):
-            cfg.run_dir = HydraConfig.get().runtime.output_dir
-    run_or_exit(run, cfg, recipe_error_types())
+    run_hydra_job(run, cfg, recipe_error_types())
 
 
 def recipe_error_types() -> tuple:

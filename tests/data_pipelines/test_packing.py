@@ -1,20 +1,22 @@
 import pytest
 import torch
 
-from data_pipelines.arithmetic import ArithmeticSpec, generate
-from data_pipelines.chat_format import chat_ids
-from data_pipelines.packing import IGNORE_INDEX, Document, balanced_bins, collate, pack, pack_rows, response_loss_masks
-from tests.conftest import TEST_ARCH
+from data_pipelines.packing import (
+    IGNORE_INDEX,
+    Document,
+    balanced_bins,
+    collate,
+    pack,
+    pack_rows,
+    response_loss_masks,
+)
+from tests.conftest import TEST_ARCH, arithmetic_documents
 from train.models.attention import allowed, model_inputs
 from train.models.model_zoo import build_tiny_model
 
 
 def _documents(tokenizer, n, seed=0, turns=1):
-    docs = []
-    for row in generate(ArithmeticSpec(verbosity=0.5, turns=turns), n, seed=seed):
-        ids, loss = chat_ids(tokenizer, row["messages"])
-        docs.append(Document(ids, loss, sample_id=row["id"]))
-    return docs
+    return arithmetic_documents(tokenizer, n, seed, turns=turns)
 
 
 def test_pack_rows_respects_budget_and_keeps_every_document():

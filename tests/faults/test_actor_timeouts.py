@@ -5,27 +5,15 @@ that sleeps past it stops the call with ``ActorTimeout`` naming the actor and wh
 import time
 
 import pytest
-from omegaconf import OmegaConf
 
-from tests.conftest import TEST_ARCH
-from train.models.model_zoo import resolve_model_path
+from tests.conftest import tiny_model_path
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    from train.workers.ray_session import init_ray
-
-    init_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def path(model_cache):
-    cfg = OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": {"vocab_size": 384, "seed": 5, "arch": TEST_ARCH}})
-    return str(resolve_model_path(cfg))
+    return tiny_model_path(model_cache, seed=5)
 
 
 def _sleep(module):

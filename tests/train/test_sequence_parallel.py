@@ -25,8 +25,7 @@ from data_pipelines.arithmetic import ArithmeticSpec, generate
 from data_pipelines.chat_format import chat_ids
 from data_pipelines.multiturn import document_from_messages
 from data_pipelines.packing import IGNORE_INDEX, Document, collate
-from tests.conftest import TEST_ARCH
-from train.models.model_zoo import resolve_model_path
+from tests.conftest import TEST_ARCH, tiny_model_path
 from train.models.sequence_parallel import ATTENTION_KEY
 from train.run.config_checks import (
     ConfigError,
@@ -39,18 +38,8 @@ TRAINER = {"lr": 1e-2, "betas": [0.9, 0.95], "weight_decay": 0.0, "max_grad_norm
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    from train.workers.ray_session import init_ray
-
-    init_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def model_path(model_cache):
-    cfg = OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": {"vocab_size": 384, "seed": 9, "arch": TEST_ARCH}})
-    return str(resolve_model_path(cfg))
+    return tiny_model_path(model_cache, seed=9)
 
 
 def _documents(tokenizer):

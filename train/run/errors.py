@@ -45,3 +45,18 @@ def run_or_exit(fn, cfg, extra_types: tuple = ()):
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_user_error(err, extra_types):
             raise
         sys.exit(f"error: {user_message(err)} (traceback: rerun with HYDRA_FULL_ERROR=1)")
+
+
+def run_hydra_job(fn, cfg, extra_types: tuple = ()):
+    """The body of a ``@hydra.main`` entry point: quiet HTTP logging, ``run_dir`` defaulting to Hydra's output
+    directory (``runs/<date>/<time>/``), then ``run_or_exit(fn, cfg, extra_types)``."""
+    import logging
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if cfg.run_dir is None:
+        with open_dict(cfg):
+            cfg.run_dir = HydraConfig.get().runtime.output_dir
+    return run_or_exit(fn, cfg, extra_types)

@@ -2,21 +2,24 @@
 answers, reasoning dropped), the turns build one single-pass document, and chat rewards average the turns."""
 
 import torch
-from omegaconf import OmegaConf
 
 from data_pipelines.arithmetic import ArithmeticSpec, generate
 from data_pipelines.chat_format import generation_prompt
 from data_pipelines.multiturn import token_turns
-from tests.conftest import TEST_ARCH
-from train.models.model_zoo import load_tokenizer, resolve_model_path
-from train.rl.multiturn_rollout import chat_prompts, generate_chats, merge_turns, score_chats
+from tests.conftest import tiny_model_path
+from train.models.model_zoo import load_tokenizer
+from train.rl.multiturn_rollout import (
+    chat_prompts,
+    generate_chats,
+    merge_turns,
+    score_chats,
+)
 from train.rl.update_batches import rollouts_to_documents
 from train.workers.rollout_worker import Rollout, RolloutWorker
 
 
 def _model_path(model_cache):
-    cfg = OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": {"vocab_size": 384, "seed": 0, "arch": dict(TEST_ARCH)}})
-    return str(resolve_model_path(cfg))
+    return tiny_model_path(model_cache, seed=0)
 
 
 class ScriptedPool:

@@ -15,15 +15,6 @@ ray = pytest.importorskip("ray")
 NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    from train.workers.ray_session import init_ray
-
-    init_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 class SubstringScorer:
     """Right when the reference occurs in the response: math-verify finds no answer in a random model's text, and
     the comparison should cover accuracy too (both paths score through the same ``_scores``)."""

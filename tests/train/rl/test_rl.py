@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from tests.conftest import rewind_checkpoints
 from train.__main__ import run
 from train.run.config_checks import ConfigError
 
@@ -87,17 +88,13 @@ def test_rl_resume_replays_the_same_steps(compose, tmp_path, ray_cleanup, async_
     step 0 (on zero accuracy w_e falls every step): the checkpoint keeps the schedule (else step 3 differs).
     With async_steps=1 the rollouts of step 2 were sampled before the checkpoint of step 1 by the weights before
     update 1: the checkpoint keeps them (without them the resumed step 2 would sample with newer weights)."""
-    import shutil
 
     base = FAST_RL + ["trainer.max_steps=3", "trainer.keep_last=3", "rollout.max_new_tokens=24",
                       f"rollout.async_steps={async_steps}"]
     base += VARIED_REWARD if async_steps else ["reward=[correctness,bingo]", "reward.bingo.schedule_start_step=0"]
     full = run(compose(base + [f"run_dir={tmp_path}/full"]))
     run(compose(base + [f"run_dir={tmp_path}/cut"]))
-    ckpts = tmp_path / "cut" / "checkpoints"
-    for name in ("step_2", "step_3"):
-        shutil.rmtree(ckpts / name)
-    (ckpts / "latest").write_text("step_1")
+    rewind_checkpoints(tmp_path / "cut", 1)
     resumed = run(compose(base + [f"run_dir={tmp_path}/cut", "trainer.resume=auto"]))
     assert resumed["step"] == 3 and len(resumed["history"]) == 2
     for expected, got in zip(full["history"][1:], resumed["history"]):

@@ -101,15 +101,6 @@ LR = 1e-4
 TRAINER = {"lr": LR, "betas": [0.9, 0.95], "weight_decay": 0.0, "max_grad_norm": 0.0, "zero_stage": 0}
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    from train.workers.ray_session import init_ray
-
-    init_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow  # five DeepSpeed worlds, two steps each: ~2-3 min on 2 busy cores
 def test_budget_update_equals_fixed_count_and_whole_batch(ray_session, compose, model_cache):
     """Two RL steps (the second's rollouts ~2x longer) with a token budget on 1 rank and on 2 gloo ranks (ZeRO-0 and

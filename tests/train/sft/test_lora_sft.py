@@ -3,11 +3,11 @@
 a resume continues with the same losses, and bad ``model.lora.*`` values fail in one line naming the key."""
 
 import os
-import shutil
 
 import pytest
 import torch
 
+from tests.conftest import rewind_checkpoints
 from train.__main__ import run
 from train.run.config_checks import ConfigError
 
@@ -73,8 +73,7 @@ def test_lora_sft_resumes_with_the_same_losses(compose, tmp_path):
     full = run(compose(FAST + ["trainer.max_steps=4", "trainer.save_every=2", f"run_dir={tmp_path}/full"]))
     cut = tmp_path / "cut"
     run(compose(FAST + ["trainer.max_steps=4", "trainer.save_every=2", f"run_dir={cut}"]))
-    shutil.rmtree(cut / "checkpoints" / "step_4")
-    (cut / "checkpoints" / "latest").write_text("step_2")
+    rewind_checkpoints(cut, 2)
     resumed = run(compose(FAST + ["trainer.max_steps=4", "trainer.save_every=2", f"run_dir={cut}", "trainer.resume=auto"]))
     # the ranks start from the base model and restore the adapters + optimizer from the DeepSpeed state
     assert resumed["losses"] == full["losses"][2:]
@@ -127,9 +126,7 @@ def test_lora_rl_resume_replays_the_next_step(compose, tmp_path, ray_cleanup):
     base = FAST_RL + VARIED_REWARD + ["trainer.max_steps=2", "rollout.max_new_tokens=24", "model.lora.rank=8"]
     full = run(compose(base + [f"run_dir={tmp_path}/full"]))
     run(compose(base + [f"run_dir={tmp_path}/cut"]))
-    ckpts = tmp_path / "cut" / "checkpoints"
-    shutil.rmtree(ckpts / "step_2")
-    (ckpts / "latest").write_text("step_1")
+    rewind_checkpoints(tmp_path / "cut", 1)
     resumed = run(compose(base + [f"run_dir={tmp_path}/cut", "trainer.resume=auto"]))
     assert resumed["step"] == 2 and len(resumed["history"]) == 1
     expected, got = full["history"][1], resumed["history"][0]

@@ -3,18 +3,14 @@ ZeRO-0/1/2/3 equals one process on the same rows, every packed row is trained on
 2-rank run resumes exactly mid-epoch, and bad rank settings fail before any work naming the key."""
 
 import json
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from data_pipelines.arithmetic import ArithmeticSpec, generate
-from data_pipelines.chat_format import chat_ids
 from data_pipelines.packing import Document, collate
-from tests.conftest import TEST_ARCH
-from train.models.model_zoo import resolve_model_path
+from tests.conftest import arithmetic_documents, rewind_checkpoints, tiny_model_path
 from train.sft.loss import TokenCrossEntropy, loss_tokens
 
 ray = pytest.importorskip("ray")
@@ -36,21 +32,8 @@ FAST = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    from train.workers.ray_session import init_ray
-
-    init_ray(num_cpus=4)  # one local Ray for this module's ranks
-    yield
-    ray.shutdown()
-
-
 def _documents(tokenizer, count: int, seed: int) -> list[Document]:
-    docs = []
-    for row in generate(ArithmeticSpec(verbosity=0.5), count, seed=seed):
-        ids, loss = chat_ids(tokenizer, row["messages"])
-        docs.append(Document(ids, loss, sample_id=row["id"]))
-    return docs
+    return arithmetic_documents(tokenizer, count, seed)
 
 
 def _reference_gradients(path: str, docs: list[Document]) -> tuple[float, dict]:
@@ -81,8 +64,7 @@ def test_sft_step_on_2_ranks_under_every_zero_stage_equals_one_process(ray_sessi
     from train.models.model_zoo import load_model
     from train.workers.actors import TrainerGroup
 
-    cfg = OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": {"vocab_size": 384, "seed": 5, "arch": TEST_ARCH}})
-    path = str(resolve_model_path(cfg))
+    path = tiny_model_path(model_cache, seed=5)
     docs = _documents(tiny_tokenizer, 7, seed=21)
     groups = [docs[0:1], docs[1:3], docs[3:6], docs[6:7]]
     batches = [collate([group], tiny_tokenizer.pad_token_id) for group in groups]  # one packed row each
@@ -161,8 +143,7 @@ def test_resume_of_a_2_rank_run_mid_epoch_continues_with_the_same_losses(ray_ses
     run_sft(compose(overrides + [f"run_dir={tmp_path}/cut"]))
     ckpts = tmp_path / "cut" / "checkpoints"
     assert (ckpts / "step_3" / "deepspeed").is_dir()
-    shutil.rmtree(ckpts / "step_6")
-    (ckpts / "latest").write_text("step_3")  # the run "died" after its step-3 checkpoint, mid-epoch
+    rewind_checkpoints(tmp_path / "cut", 3)  # the run "died" after its step-3 checkpoint, mid-epoch
     resumed = run_sft(compose(overrides + [f"run_dir={tmp_path}/cut", "trainer.resume=auto"]))
     assert resumed["losses"] == full["losses"][3:]  # exact on CPU: same rows per rank, weights, Adam state and lr
     from transformers import AutoModelForCausalLM

@@ -4,27 +4,18 @@ completes and its losses equal those of the same run with both ranks on one node
 import pytest
 
 from tests.loopback_cluster import NODES
+from tests.train.sft.test_sft_ranks import FAST
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # ~50-110 s: two SFT runs on a fresh two-node cluster
 
-OVERRIDES = [
-    "experiment=quickstart",
+# test_sft_ranks.py's fast 2-rank SFT, 4 steps under ZeRO-1 on a small data set
+OVERRIDES = FAST + [
     "trainer.max_steps=4",
     "trainer.warmup_steps=1",
-    "trainer.lr=2e-2",
-    "trainer.row_tokens=256",
-    "data.max_seq_len=256",
-    "trainer.rows_per_micro_batch=1",
-    "trainer.grad_accum=2",
-    "trainer.world_size=2",
     "trainer.zero_stage=1",
-    "trainer.eval_every=0",
     "trainer.save_every=0",
-    "trainer.resume=null",
     "data.synthetic.train.num_samples=100",
-    "data.synthetic.eval.num_samples=2",
-    "rollout.max_new_tokens=4",
 ]
 
 

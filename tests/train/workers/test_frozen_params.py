@@ -5,13 +5,9 @@ import re
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from data_pipelines.arithmetic import ArithmeticSpec, generate
-from data_pipelines.chat_format import chat_ids
-from data_pipelines.packing import Document, collate
-from tests.conftest import TEST_ARCH
-from train.models.model_zoo import resolve_model_path
+from data_pipelines.packing import collate
+from tests.conftest import arithmetic_documents, tiny_model_path
 from train.sft.curriculum import Freeze
 from train.sft.loss import TokenCrossEntropy, loss_tokens
 
@@ -22,20 +18,8 @@ TRAINER = {"lr": 1e-2, "betas": [0.9, 0.95], "weight_decay": 0.1, "max_grad_norm
 FROZEN = r"layers\.0\."
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    from train.workers.ray_session import init_ray
-
-    init_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 def _batches(tokenizer) -> list:
-    docs = []
-    for row in generate(ArithmeticSpec(verbosity=0.5), 6, seed=11):
-        ids, loss = chat_ids(tokenizer, row["messages"])
-        docs.append(Document(ids, loss, sample_id=row["id"]))
+    docs = arithmetic_documents(tokenizer, 6, seed=11)
     return [collate([docs[0:1]], tokenizer.pad_token_id), collate([docs[1:3]], tokenizer.pad_token_id),
             collate([docs[3:5]], tokenizer.pad_token_id), collate([docs[5:6]], tokenizer.pad_token_id)]
 
@@ -63,8 +47,7 @@ def _run(path, batches, world: int, stage: int) -> tuple[dict, dict]:
 def test_frozen_parameters_stay_put_under_zero_and_the_rest_trains_as_zero_0(ray_session, model_cache, tiny_tokenizer, stage):
     """Frozen tensors: bit-identical to their values when frozen. The others: within 1% of lr of the ZeRO-0
     run's weights (the bound of test_sft_ranks.py: reduction order differs between stages)."""
-    cfg = OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": {"vocab_size": 384, "seed": 7, "arch": TEST_ARCH}})
-    path = str(resolve_model_path(cfg))
+    path = tiny_model_path(model_cache, seed=7)
     batches = _batches(tiny_tokenizer)
     want_first, want_last = _run(path, batches, 1, 0)
     first, last = _run(path, batches, 2, stage)

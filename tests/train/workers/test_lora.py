@@ -4,13 +4,10 @@ logits."""
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from data_pipelines.arithmetic import ArithmeticSpec, generate
-from data_pipelines.chat_format import chat_ids
-from data_pipelines.packing import Document, collate
-from tests.conftest import TEST_ARCH
-from train.models.model_zoo import load_model, resolve_model_path
+from data_pipelines.packing import collate
+from tests.conftest import TEST_ARCH, arithmetic_documents, tiny_model_path
+from train.models.model_zoo import load_model
 from train.sft.curriculum import Freeze
 from train.sft.loss import TokenCrossEntropy, loss_tokens
 
@@ -21,25 +18,13 @@ LORA = {"rank": 4, "alpha": 12.0, "dropout": 0.0, "target_modules": ["q_proj", "
 TARGETS = ("q_proj", "v_proj", "o_proj")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    from train.workers.ray_session import init_ray
-
-    init_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 def _parameters(module) -> dict:
     """Every parameter of the rank's (peft) model with its requires_grad; runs on the rank (apply_to_model)."""
     return {n: (p.detach().cpu().clone(), p.requires_grad) for n, p in module.named_parameters()}
 
 
 def _batches(tokenizer, count: int = 2) -> list:
-    docs = []
-    for row in generate(ArithmeticSpec(verbosity=0.5), 2 * count, seed=3):
-        ids, loss = chat_ids(tokenizer, row["messages"])
-        docs.append(Document(ids, loss, sample_id=row["id"]))
+    docs = arithmetic_documents(tokenizer, 2 * count, seed=3)
     return [collate([[docs[2 * i], docs[2 * i + 1]]], tokenizer.pad_token_id) for i in range(count)]
 
 
@@ -51,8 +36,7 @@ def _train(group, batches, steps: int) -> None:
 
 @pytest.fixture(scope="module")
 def path(model_cache):
-    cfg = OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": {"vocab_size": 384, "seed": 2, "arch": TEST_ARCH}})
-    return str(resolve_model_path(cfg))
+    return tiny_model_path(model_cache, seed=2)
 
 
 def test_lora_step_trains_only_adapters_and_syncs_merged_weights(ray_session, path, tiny_tokenizer):

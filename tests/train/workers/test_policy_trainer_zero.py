@@ -6,23 +6,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from data_pipelines.arithmetic import ArithmeticSpec, generate
-from data_pipelines.chat_format import chat_ids
-from data_pipelines.packing import IGNORE_INDEX, Document, collate
-from tests.conftest import TEST_ARCH
+from data_pipelines.packing import IGNORE_INDEX, collate
+from tests.conftest import TEST_ARCH, arithmetic_documents, tiny_model_path
 from train.models.model_zoo import resolve_model_path
 
 ray = pytest.importorskip("ray")
 TRAINER = {"lr": 1e-2, "betas": [0.9, 0.95], "weight_decay": 0.0, "max_grad_norm": 1.0}
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    from train.workers.ray_session import init_ray
-
-    init_ray(num_cpus=4)  # a local Ray for this module's actors
-    yield
-    ray.shutdown()
 
 
 def _policy_gradient(logprobs, entropy, batch, extra, normaliser):
@@ -33,11 +22,7 @@ def _policy_gradient(logprobs, entropy, batch, extra, normaliser):
 
 
 def _batches(tokenizer):
-    rows = generate(ArithmeticSpec(verbosity=0.5), 8, seed=11)
-    docs = []
-    for row in rows:
-        ids, loss = chat_ids(tokenizer, row["messages"])
-        docs.append(Document(ids, loss, sample_id=row["id"]))
+    docs = arithmetic_documents(tokenizer, 8, seed=11)
     batches = [collate([[docs[2 * i], docs[2 * i + 1]]], tokenizer.pad_token_id) for i in range(4)]  # 4 micro-batches
     extras = [{"advantage": torch.tensor([1.0 - 0.5 * i, -0.3 + 0.2 * i])} for i in range(4)]
     normaliser = float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches))
@@ -64,8 +49,7 @@ def test_zero_stages_match_single_process(ray_session, model_cache, tiny_tokeniz
     from train.models.model_zoo import load_model
     from train.workers.actors import TrainerGroup
 
-    cfg = OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": {"vocab_size": 384, "seed": 5, "arch": TEST_ARCH}})
-    path = str(resolve_model_path(cfg))
+    path = tiny_model_path(model_cache, seed=5)
     initial = {n: p.detach() for n, p in load_model(path).named_parameters()}
     batches, extras, normaliser = _batches(tiny_tokenizer)
     reference = None
@@ -95,8 +79,7 @@ def test_weight_sync_makes_rollout_logits_equal_the_trainers(ray_session, model_
     from train.workers.actors import TrainerGroup
     from train.workers.rollout_worker import RolloutWorker
 
-    cfg = OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": {"vocab_size": 384, "seed": 6, "arch": TEST_ARCH}})
-    path = str(resolve_model_path(cfg))
+    path = tiny_model_path(model_cache, seed=6)
     batches, extras, normaliser = _batches(tiny_tokenizer)
     group = TrainerGroup(2, path, "sdpa", {**TRAINER, "zero_stage": 3}, micro_batches_per_rank=2)
     worker = ray.remote(RolloutWorker).remote(path)

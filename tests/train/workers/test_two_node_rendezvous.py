@@ -8,12 +8,15 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from tests.conftest import REPO, TEST_ARCH
+from tests.conftest import REPO, tiny_model_path
 from tests.loopback_cluster import NODES
-from tests.train.workers.test_policy_trainer_zero import TRAINER, _batches, _max_error, _policy_gradient
-from train.models.model_zoo import resolve_model_path
+from tests.train.workers.test_policy_trainer_zero import (
+    TRAINER,
+    _batches,
+    _max_error,
+    _policy_gradient,
+)
 
 ray = pytest.importorskip("ray")
 
@@ -63,8 +66,7 @@ def test_ranks_on_two_nodes_meet_at_rank0s_address_and_match_one_process(two_nod
     from train.workers.actors import TrainerGroup
     from train.workers.policy_trainer import network_interface
 
-    cfg = OmegaConf.create({"path": None, "cache_dir": str(model_cache), "tiny": {"vocab_size": 384, "seed": 5, "arch": TEST_ARCH}})
-    path = str(resolve_model_path(cfg))
+    path = tiny_model_path(model_cache, seed=5)
     batches, extras, normaliser = _batches(tiny_tokenizer)
     loss = partial(_policy_gradient, normaliser=normaliser)
 
