@@ -7,16 +7,19 @@
 Sides, all on the same model (the embedded tiny model, or --model-path), the same documents (the quickstart data:
 experiment=quickstart, tokenized by data_pipelines.loading.tokenize_rows, loss on assistant tokens) and AdamW:
 - "ours packed": the project's stream (data_pipelines/batching.py: first-fit-decreasing rows of --row-tokens,
-  --rows rows per step) through the SFT forward and loss (train.models.forward.token_logprobs with the dense
-  per-document sdpa mask, train.sft.loss.TokenCrossEntropy), backward, grad clip, AdamW. The model is called
-  directly (no DeepSpeed engine, no Ray rank), so the figure is the data layout + forward/loss cost.
+  --rows rows per step) through the SFT forward and loss (train.models.forward.token_logprobs under sdpa, the model
+  loaded by load_model: attention per document, train/models/document_attention.py; train.sft.loss.TokenCrossEntropy),
+  backward, grad clip, AdamW. The model is called directly (no DeepSpeed engine, no Ray rank), so the figure is the
+  data layout + forward/loss cost. --dense adds "ours dense mask": the same under transformers' own sdpa, i.e. the
+  dense [rows, 1, seq, seq] mask (the path before per-document attention).
 - "padded": what a plain Hugging Face loop does: the same documents in a seeded shuffle, --padded-batch documents
   per step (default: as many as our step holds on average), right-padded to the longest in the batch, attention
   mask, ``model(input_ids, attention_mask, labels)`` (HF's mean token cross-entropy), backward, clip, AdamW.
 - "TRL packing": trl.SFTTrainer with ``packing=True, packing_strategy="bfd", max_length=--row-tokens``,
   per_device_train_batch_size=--rows (TRL flattens them into one padding-free row with restarting position_ids;
   transformers derives the per-document sdpa mask from them); "TRL padding-free": ``padding_free=True`` without
-  packing, --padded-batch documents per step. Both get the same token ids and assistant-token mask
+  packing, --padded-batch documents per step. The padded loop and TRL run transformers' own sdpa (TRL's varlen
+  boundaries are then ignored, as in stock transformers). Both TRL modes get the same token ids and assistant-token mask
   (``assistant_masks``), fp32, no gradient checkpointing, constant lr, no logging.
 
 Timing: the sides take turns, step by step, in this one process with torch.set_num_threads(--threads) (default 1):
@@ -122,10 +125,18 @@ def load_documents(args):
     return cfg, tokenizer, str(path), documents
 
 
-def fresh_model(path: str, cfg):
+def fresh_model(path: str, cfg, stock_sdpa: bool = False):
+    """The model as our recipes load it (``sdpa``: attention per document on plain packed rows), or with
+    ``stock_sdpa`` under transformers' own sdpa (what a plain HF loop and TRL run; our forward then uses the
+    dense mask)."""
+    from transformers import AutoModelForCausalLM
+
     from train.models.model_zoo import load_model
 
-    model = load_model(path, "sdpa", torch.float32)
+    if stock_sdpa:
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    else:
+        model = load_model(path, "sdpa", torch.float32)
     model.train()
     return model
 
@@ -164,8 +175,9 @@ class Loop:
 
 
 # -- sides ------------------------------------------------------------------------------------------------------
-def ours_loop(cfg, tokenizer, path, documents, args) -> Loop:
-    """The project's packed stream through the SFT forward and loss."""
+def ours_loop(cfg, tokenizer, path, documents, args, dense: bool = False) -> Loop:
+    """The project's packed stream through the SFT forward and loss (``dense``: the dense-mask attention, the path
+    before per-document attention)."""
     from data_pipelines.batching import PackedBatchStream
     from train.models.forward import token_logprobs
     from train.sft.loss import TokenCrossEntropy, loss_tokens
@@ -178,14 +190,15 @@ def ours_loop(cfg, tokenizer, path, documents, args) -> Loop:
         loss, _ = TokenCrossEntropy(loss_tokens(batch))(logprobs, None, batch, {})
         return loss
 
-    return Loop(fresh_model(path, cfg), cfg, batches, step_loss, lambda b: (b.num_tokens - b.num_padding, b.num_tokens),
+    return Loop(fresh_model(path, cfg, stock_sdpa=dense), cfg, batches, step_loss,
+                lambda b: (b.num_tokens - b.num_padding, b.num_tokens),
                 args.warmup)
 
 
 def padded_loop(cfg, tokenizer, path, documents, args) -> Loop:
     """A plain HF loop: right-padded batches, ``model(..., labels)``."""
     batches = padded_batches(documents, args.padded_batch, tokenizer.pad_token_id, args.seed, args.warmup + args.steps)
-    return Loop(fresh_model(path, cfg), cfg, batches, lambda model, b: model(**b, use_cache=False).loss, tokens_of,
+    return Loop(fresh_model(path, cfg, stock_sdpa=True), cfg, batches, lambda model, b: model(**b, use_cache=False).loss, tokens_of,
                 args.warmup)
 
 
@@ -225,7 +238,7 @@ def run_trl(cfg, tokenizer, path, documents, args, mode: str, output_dir: str, b
             if between is not None:
                 between()
 
-    trainer = SFTTrainer(model=fresh_model(path, cfg), args=config, train_dataset=dataset, processing_class=tokenizer,
+    trainer = SFTTrainer(model=fresh_model(path, cfg, stock_sdpa=True), args=config, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[Clock()])
     collate = trainer.data_collator
 
@@ -271,6 +284,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-path", default=None)
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--dense", action="store_true",
+                        help="also ours with the dense [rows, 1, seq, seq] mask (the path before per-document attention)")
     parser.add_argument("--data", nargs="*", default=[], help="Hydra overrides of the data, e.g. data.synthetic.train.verbosity=0.5")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -286,6 +301,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     loops = {"ours packed": ours_loop(cfg, tokenizer, path, documents, args),
              "padded": padded_loop(cfg, tokenizer, path, documents, args)}
+    if args.dense:
+        loops["ours dense mask"] = ours_loop(cfg, tokenizer, path, documents, args, dense=True)
 
     def turns():  # one step of each of our sides
         for loop in loops.values():
@@ -302,7 +319,8 @@ def main() -> None:
             print(f"{name}: {results[name]['tokens_per_s']:.0f} real tokens/s, padding {100 * results[name]['padding']:.1f}%", flush=True)
     for name, loop in loops.items():
         results[name], loads[name] = loop.result(), os.getloadavg()[0]
-    results = {n: results[n] for n in ("ours packed", "padded", "TRL packing", "TRL padding-free") if n in results}
+    results = {n: results[n] for n in ("ours packed", "ours dense mask", "padded", "TRL packing", "TRL padding-free")
+               if n in results}
     report(args, results, loads)
 
 

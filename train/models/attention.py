@@ -1,7 +1,11 @@
 """Attention backends for packed rows, all derived from one span description (data_pipelines/packing.py).
 
-- ``sdpa``: an explicit dense boolean mask [rows, 1, seq, seq] handed to the model as a 4D mask, which
-  transformers passes unchanged to ``scaled_dot_product_attention``. Exact; the CPU reference.
+- ``sdpa``: plain rows (every document one self-visible segment) of a model loaded by ``load_model`` (attention
+  implementation ``PER_DOCUMENT_SDPA``) get the document boundaries (``varlen_boundaries``) and attention runs per
+  document (train/models/document_attention.py: SDPA over width buckets of documents, so a packed token costs
+  what a padded token costs). Other rows (single-pass multi-turn), and models under transformers' own ``sdpa``,
+  get an explicit dense boolean mask [rows, 1, seq, seq] as a 4D mask, which transformers passes unchanged to
+  ``scaled_dot_product_attention``. Both exact; the CPU path.
 - ``flex``: a FlexAttention ``BlockMask`` built from the same segment table (skips fully masked blocks; the
   intended GPU path for arbitrary structure such as the multi-turn mask). torch 2.13 has no FlexAttention
   backward on CPU, so on CPU it is for forward passes only.
@@ -19,6 +23,7 @@ import importlib.util
 import torch
 
 from data_pipelines.packing import PackedBatch
+from train.models.document_attention import PER_DOCUMENT_SDPA
 
 BACKENDS = ("sdpa", "flex", "flash")
 
@@ -81,10 +86,13 @@ def varlen_boundaries(segment_ids: torch.Tensor) -> dict:
             "max_length_q": max_length, "max_length_k": max_length}
 
 
-def model_inputs(batch: PackedBatch, backend: str) -> dict:
-    """Keyword arguments for a Hugging Face causal LM forward on ``batch`` under ``backend``."""
+def model_inputs(batch: PackedBatch, backend: str, implementation: str | None = None) -> dict:
+    """Keyword arguments for a Hugging Face causal LM forward on ``batch`` under ``backend``; ``implementation``: the
+    model's ``config._attn_implementation`` (the per-document path needs ``PER_DOCUMENT_SDPA``, else a dense mask)."""
     inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
-    if backend == "sdpa":
+    if backend == "sdpa" and batch.plain and implementation == PER_DOCUMENT_SDPA:
+        inputs.update(varlen_boundaries(batch.segment_ids))
+    elif backend == "sdpa":
         inputs["attention_mask"] = allowed(batch.segment_ids, batch.visibility)[:, None]
     elif backend == "flex":
         inputs["attention_mask"] = block_mask(batch.segment_ids, batch.visibility)

@@ -46,6 +46,11 @@ def _core(model):
     return core.get_base_model() if hasattr(core, "get_base_model") else core
 
 
+def attn_implementation(model) -> str | None:
+    """The transformers attention implementation ``model`` (a DeepSpeed engine, peft or HF model) runs under."""
+    return getattr(_core(model).config, "_attn_implementation", None)
+
+
 def set_logits_chunk_tokens(model, chunk_tokens: int | None) -> None:
     """Make every ``token_logprobs`` of ``model`` (a DeepSpeed engine or an HF model) compute its logits in chunks
     of ``chunk_tokens`` tokens (``trainer.logits_chunk_tokens``); None: the full logits."""
@@ -107,14 +112,15 @@ def causal_lm_logits(model, batch: PackedBatch, backend: str) -> torch.Tensor:
     """Logits [rows, seq, vocab] on packed rows, attention never crossing documents (state never, for SSMs)."""
     if is_ssm(model):
         return ssm_logits(model, batch)
-    return model(**model_inputs(batch, backend), use_cache=False).logits
+    return model(**model_inputs(batch, backend, attn_implementation(model)), use_cache=False).logits
 
 
 def causal_lm_hidden(model, batch: PackedBatch, backend: str) -> torch.Tensor:
     """The last hidden states [rows, seq, d] that ``causal_lm_logits`` turns into logits (the output head's input)."""
     if is_ssm(model):
         return ssm_logits(model, batch, hidden=True)
-    return _core(model).get_decoder()(**model_inputs(batch, backend), use_cache=False).last_hidden_state
+    inputs = model_inputs(batch, backend, attn_implementation(model))
+    return _core(model).get_decoder()(**inputs, use_cache=False).last_hidden_state
 
 
 def shared_prompt_logits(model, batch: SharedPromptBatch, hidden: bool = False) -> torch.Tensor:

@@ -22,13 +22,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from data_pipelines.arithmetic import ArithmeticSpec, generate
 from data_pipelines.chat_format import CHAT_TEMPLATE, IM_END, IM_START, THINK_CLOSE, THINK_OPEN, end_of_turn_token
+from train.models.document_attention import PER_DOCUMENT_SDPA
 
 log = logging.getLogger(__name__)
 
 PAD = "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END]
 REASONING_TOKENS = [THINK_OPEN, THINK_CLOSE]  # added tokens that stay visible in decoded text
-ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention_2"}
+ATTN_IMPLEMENTATIONS = {"sdpa": PER_DOCUMENT_SDPA, "flex": "flex_attention", "flash": "flash_attention_2"}
 ATTENTION_FREE = ("mamba2",)  # model types without attention (no attn_implementation to pick)
 
 
