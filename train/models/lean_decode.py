@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from train.models.preallocated_cache import PreallocatedLayer
 
@@ -57,19 +58,6 @@ def unsupported(model) -> str | None:
     return None
 
 
-def rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """weight * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back, as the model's RMSNorm."""
-    dtype = hidden.dtype
-    x = hidden.to(torch.float32)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class LeanDecoder:
     """The one-token forward of ``model`` (see the module docstring); ``unsupported(model)`` must be None."""
 
@@ -83,6 +71,14 @@ class LeanDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.groups = self.heads // self.kv_heads
         self.scaling = model.model.layers[0].self_attn.scaling
+
+    @classmethod
+    def of(cls, model) -> LeanDecoder | None:
+        """The lean decoder of ``model``, or None where ``unsupported(model)`` names a reason."""
+        try:
+            return cls(model)
+        except ValueError:
+            return None
 
     def attention_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
         """Additive sdpa mask [n, 1, 1, length] of a 2D ``mask`` (1 on tokens): -inf on padding (the causal part is
@@ -100,18 +96,16 @@ class LeanDecoder:
         inner = self.model.model
         hidden = F.embedding(token[:, None], inner.embed_tokens.weight)  # [n, 1, hidden]
         cos, sin = inner.rotary_emb(hidden, position)  # [n, 1, head_dim]
-        cos, sin = cos[:, None], sin[:, None]
         n = hidden.shape[0]
         for layer, layer_cache in zip(inner.layers, cache.layers):
             if type(layer_cache) is not PreallocatedLayer:
                 raise TypeError("lean decode writes a preallocated cache (train/models/preallocated_cache.py)")
             attn = layer.self_attn
-            x = rms_norm(layer.input_layernorm, hidden)
+            x = layer.input_layernorm(hidden)
             q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(n, 1, -1, self.head_dim).transpose(1, 2)
             k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(n, 1, -1, self.head_dim).transpose(1, 2)
             v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(n, 1, -1, self.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin  # [n, heads, 1, head_dim]
-            k = k * cos + rotate_half(k) * sin
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)  # [n, heads, 1, head_dim], transformers' own
             keys, values = layer_cache.update(k, v)  # [n, kv_heads, length, head_dim]
             if self.groups > 1:  # the query heads of a key/value head along the query axis
                 q = q.reshape(n, self.kv_heads, self.groups, self.head_dim)
@@ -119,9 +113,9 @@ class LeanDecoder:
             out = out.reshape(n, -1, 1, self.head_dim).transpose(1, 2).contiguous().reshape(n, 1, -1)
             hidden = hidden + F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
             mlp = layer.mlp
-            x = rms_norm(layer.post_attention_layernorm, hidden)
+            x = layer.post_attention_layernorm(hidden)
             gate = mlp.act_fn(F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
             up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
             hidden = hidden + F.linear(gate * up, mlp.down_proj.weight, mlp.down_proj.bias)
-        hidden = rms_norm(inner.norm, hidden)
+        hidden = inner.norm(hidden)
         return F.linear(hidden[:, -1], self.model.lm_head.weight, self.model.lm_head.bias)  # [n, vocab]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from train.models.forward import is_ssm
-from train.models.lean_decode import LeanDecoder, unsupported
+from train.models.lean_decode import LeanDecoder
 from train.models.preallocated_cache import preallocated_cache
 
 
@@ -102,7 +102,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     if group_size > 1:  # one prefill per prompt; its samples start from copies of its cache rows
         cache.batch_repeat_interleave(group_size)
         logits, mask, positions = (t.repeat_interleave(group_size, 0) for t in (logits, mask, positions))
-    decode = LeanDecoder(model) if lean and unsupported(model) is None else None
+    decode = LeanDecoder.of(model) if lean else None
     rows = torch.arange(batch, device=input_ids.device)  # output row of each batch row still in the cache
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)  # finished rows still in the cache
     position = positions[:, -1:]

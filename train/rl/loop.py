@@ -19,12 +19,7 @@ from train.rl.checkpointing import RLCheckpoints
 from train.rl.logprobs import record_logprobs
 from train.rl.policy_update import update_policy
 from train.rl.rounds import Rounds
-from train.rl.step_metrics import (
-    PhaseTimer,
-    sample_table,
-    skipped_step_metrics,
-    step_metrics,
-)
+from train.rl.step_metrics import PhaseTimer, sample_table, skipped_step_metrics, step_metrics
 from train.rl.update_batches import pack_updates
 from train.rl.weight_sync import WeightSync
 from train.workers.ray_session import object_refs_held
