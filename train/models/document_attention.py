@@ -30,6 +30,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PER_DOCUMENT_SDPA = "reasonpost_document_sdpa"  # the transformers attention implementation ``sdpa`` loads models with
+SDPA_IMPLEMENTATIONS = ("sdpa", PER_DOCUMENT_SDPA)  # both run sdpa_attention_forward on calls without boundaries
 WIDTH_RATIO = 0.8  # a segment joins the open bucket while its length >= WIDTH_RATIO * the bucket's width
 SMALL_WIDTH = 32  # below this width the rest of the segments share one bucket (a call costs more than the padding)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from train.models.document_attention import SDPA_IMPLEMENTATIONS
 from train.models.preallocated_cache import PreallocatedLayer
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
@@ -37,7 +38,7 @@ def unsupported(model) -> str | None:
     if model.training:
         return "the model is in training mode (dropout)"
     config = model.config
-    if config._attn_implementation != "sdpa":
+    if config._attn_implementation not in SDPA_IMPLEMENTATIONS:
         return f"attention backend {config._attn_implementation!r} (lean decode reproduces sdpa)"
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
         return "sliding-window attention layers"

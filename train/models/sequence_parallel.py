@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from data_pipelines.packing import PackedBatch
 from train.models.attention import allowed
+from train.models.document_attention import SDPA_IMPLEMENTATIONS
 
 ATTENTION_KEY = "reasonpost_ulysses_sdpa"  # the transformers attention implementation an SP model runs under
 
@@ -168,7 +169,7 @@ def enable(model, size: int):
     config._attn_implementation = ATTENTION_KEY
     for module in model.modules():  # sub-configs (text config of a multimodal model) keep their own copy
         sub = getattr(module, "config", None)
-        if sub is not None and sub is not config and getattr(sub, "_attn_implementation", None) == "sdpa":
+        if sub is not None and sub is not config and getattr(sub, "_attn_implementation", None) in SDPA_IMPLEMENTATIONS:
             sub._attn_implementation = ATTENTION_KEY
     model.sequence_parallel = sp
     return sp

@@ -5,6 +5,7 @@ would not be exact."""
 import pytest
 import torch
 
+from train.models.document_attention import PER_DOCUMENT_SDPA
 from train.models.lean_decode import LeanDecoder, unsupported
 from train.models.sampling import sample
 
@@ -94,6 +95,8 @@ def test_unsupported_configs_keep_the_hf_forward(qwen2):
     qwen2.eval()
     qwen2.config._attn_implementation = "eager"
     assert "eager" in unsupported(qwen2)
+    qwen2.config._attn_implementation = PER_DOCUMENT_SDPA  # how load_model loads sdpa models: sdpa on decode calls
+    assert unsupported(qwen2) is None
     qwen2.config._attn_implementation = "sdpa"
     handle = qwen2.model.layers[0].mlp.register_forward_hook(lambda *a: None)
     assert "hooks" in unsupported(qwen2)
