@@ -18,10 +18,12 @@ difficulty band sampler on. Processes the killed driver started (Ray, actors) ar
 driver's Ray session is gone, as on a cluster node that lost its driver.
 
 soak: runs the experiment and, every ``--every`` steps (read from metrics.jsonl), samples the resident memory
-(RSS) and open files of the driver and of every process it started (Ray actors by their names). It prints, per
-process, RSS after warm-up (the first quarter of the run) and at the end, the growth in percent, and the open-file
-counts, writes them to ``<out>/soak_<recipe>.json`` and plots RSS over steps to ``<out>/soak_<recipe>.png``. The
-exit status is 1 when some process grew by more than ``--max-growth`` percent after warm-up or its open files grew.
+(RSS) and open files of the driver and of every process it started (Ray actors by their names). Warm-up lasts until
+every one-time event has happened once (the first evaluation and save; SFT: the last curriculum phase's start). It
+prints, per process, RSS after warm-up and at the end, the growth in percent, the fitted trend (MiB per 1,000 steps)
+and the open-file counts, and the driver's Ray object references (``perf/ray_object_refs``); writes them to
+``<out>/soak_<recipe>.json`` and plots RSS over steps to ``<out>/soak_<recipe>.png``. The exit status is 1 when some
+process grew by more than ``--max-growth`` percent after warm-up, its open files grew, or the object references did.
 
 head: an RL run on a Ray head started here (``cluster.ray_address``) loses the head (every process of the node
 SIGKILLed) after ``--kill-after`` checkpointed steps; prints how the driver ended, checks the last checkpoint
@@ -241,28 +243,76 @@ def soak_run(args) -> int:
     if proc.returncode != 0 or len(samples) < 4:
         print(f"the run failed or was too short (status {proc.returncode}, {len(samples)} samples): see the log")
         return 1
-    warm = samples[len(samples) // 4]
-    end = samples[-1]
-    report, ok = [], True
-    for name, at_warm in warm[1].items():
-        if name not in end[1]:
-            continue
-        at_end = end[1][name]
-        growth = 100.0 * (at_end["rss_mib"] - at_warm["rss_mib"]) / at_warm["rss_mib"]
-        files_grew = at_end["open_files"] > at_warm["open_files"]
-        ok &= growth < args.max_growth and not files_grew
-        report.append({"process": name, "rss_warm_mib": at_warm["rss_mib"], "rss_end_mib": at_end["rss_mib"],
-                       "growth_pct": growth, "open_files_warm": at_warm["open_files"],
-                       "open_files_end": at_end["open_files"]})
-    print(f"{args.recipe}: {end[0]} steps, RSS sampled every {args.every} steps; warm-up = step {warm[0]}")
-    print(f"{'process':<28} {'RSS warm MiB':>12} {'RSS end MiB':>12} {'growth %':>9} {'files':>9}")
+    warm_step = warm_up_step(args)
+    after = [s for s in samples if s[0] > warm_step] or samples[-2:]
+    warm, end = after[0], after[-1]
+    report, ok = soak_report(after, args.max_growth)
+    refs = object_refs(run_dir)
+    refs_warm, refs_end = refs.get(warm[0]), refs.get(end[0])
+    refs_grew = refs_warm is None or refs_end is None or refs_end > refs_warm
+    ok &= not refs_grew
+    print(f"{args.recipe}: {end[0]} steps, RSS sampled every {args.every} steps; warm-up until step {warm_step} (the "
+          f"first evaluation and save{', the last phase' if args.recipe == 'sft' else ''}), measured from step {warm[0]}")
+    print(f"{'process':<28} {'RSS warm MiB':>12} {'RSS end MiB':>12} {'growth %':>9} {'MiB/1k steps':>12} {'files':>9}")
     for row in report:
         print(f"{row['process']:<28} {row['rss_warm_mib']:12.1f} {row['rss_end_mib']:12.1f} {row['growth_pct']:9.2f} "
-              f"{row['open_files_warm']:>4}->{row['open_files_end']:<4}")
-    (out / f"soak_{args.recipe}.json").write_text(json.dumps({"samples": samples, "report": report}, indent=1))
+              f"{row['trend_mib_per_1k_steps']:12.2f} {row['open_files_warm']:>4}->{row['open_files_end']:<4}")
+    print(f"object references held by the driver (perf/ray_object_refs): {refs_warm} at step {warm[0]}, "
+          f"{refs_end} at step {end[0]}")
+    (out / f"soak_{args.recipe}.json").write_text(json.dumps(
+        {"samples": samples, "warm_up_step": warm_step, "report": report,
+         "ray_object_refs": {"warm": refs_warm, "end": refs_end, "by_step": refs}}, indent=1))
     plot(samples, out / f"soak_{args.recipe}.png", args.recipe)
-    print(f"{'PASS' if ok else 'FAIL'}: growth after warm-up < {args.max_growth:g}% and no open-file growth")
+    print(f"{'PASS' if ok else 'FAIL'}: growth after warm-up < {args.max_growth:g}%, no open-file growth, "
+          "no growth in the driver's Ray object references")
     return 0 if ok else 1
+
+
+def warm_up_step(args) -> int:
+    """The step by which every one-time event of a soak run has happened once: the first evaluation and checkpoint
+    save and, for SFT, the start of the curriculum's last phase (its data and stream are built then). Memory they
+    allocate is paid once, not growth; the last quarter of the run is always measured."""
+    eval_every, save_every = EVERY[("soak", args.recipe)]
+    events = [eval_every, save_every] + ([args.steps - args.steps // 2] if args.recipe == "sft" else [])
+    return min(max(events), args.steps * 3 // 4)
+
+
+def soak_report(samples: list[tuple[int, dict]], max_growth: float) -> tuple[list[dict], bool]:
+    """Per process of the first sample: RSS at the first and last of ``samples``, the growth in percent, the
+    least-squares trend (MiB per 1,000 steps) and open files; ok when every growth is below ``max_growth`` and no
+    process's open files grew."""
+    first, last = samples[0][1], samples[-1][1]
+    report, ok = [], True
+    for name, at_warm in first.items():
+        if name not in last:
+            continue
+        at_end = last[name]
+        points = [(step, rows[name]["rss_mib"]) for step, rows in samples if name in rows]
+        growth = 100.0 * (at_end["rss_mib"] - at_warm["rss_mib"]) / at_warm["rss_mib"]
+        files_grew = at_end["open_files"] > at_warm["open_files"]
+        ok &= growth < max_growth and not files_grew
+        report.append({"process": name, "rss_warm_mib": at_warm["rss_mib"], "rss_end_mib": at_end["rss_mib"],
+                       "growth_pct": growth, "trend_mib_per_1k_steps": 1000.0 * slope(points),
+                       "open_files_warm": at_warm["open_files"], "open_files_end": at_end["open_files"]})
+    return report, ok
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope dy/dx of ``points`` (0 for fewer than 2 distinct x)."""
+    n = len(points)
+    mean_x, mean_y = sum(p[0] for p in points) / max(n, 1), sum(p[1] for p in points) / max(n, 1)
+    var = sum((x - mean_x) ** 2 for x, _ in points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / var if var else 0.0
+
+
+def object_refs(run_dir: Path) -> dict[int, int]:
+    """``perf/ray_object_refs`` (object references the driver holds) by step, from metrics.jsonl."""
+    path, refs = run_dir / "metrics.jsonl", {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        record = json.loads(line)
+        if "perf/ray_object_refs" in record:
+            refs[record["step"]] = int(record["perf/ray_object_refs"])
+    return refs
 
 
 def head_run(args) -> int:

@@ -25,6 +25,8 @@ RAY_POLL_INTERVAL=${RAY_POLL_INTERVAL:-5}
 RAY_START_ARGS=${RAY_START_ARGS:-}
 # train/workers/ray_session.py init_ray defaults the driver to RAY_AUTH_MODE=disabled; the cluster must agree with it.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# The GCS keeps 100,000 task events by default (~3 MiB per 1,000 actor calls, growing for hours); as a local Ray.
+export RAY_task_events_max_num_task_in_gcs=${RAY_task_events_max_num_task_in_gcs:-1000}
 
 RAY_STEP_WRAPPER='trap "kill -TERM \$child; wait \$child; exit 0" USR2; "$@" & child=$!; wait $child'
 RAY_NODES=()      # hostnames of the allocation, head first

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from train.models.preallocated_cache import preallocated_cache
-
 from train.models.forward import is_ssm
+from train.models.lean_decode import LeanDecoder
+from train.models.preallocated_cache import preallocated_cache
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -75,12 +75,14 @@ def cut_at_eos(tokens: list[int], eos_token_id: int, pad_token_id: int | None = 
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
            pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           compact_fraction: float = 0.25, group_size: int = 1, return_logprobs: bool = False):
+           compact_fraction: float = 0.25, group_size: int = 1, return_logprobs: bool = False, lean: bool = True):
     """Responses [B * group_size, max_new_tokens] to left-padded prompts ``input_ids`` [B, P] (``attention_mask``
     1 on tokens), ``group_size`` per prompt (prompt 0's first): sampled tokens up to and including eos,
     ``pad_token_id`` after it. ``return_logprobs``: also (as a pair) the log-prob [B * group_size, max_new_tokens]
     of each sampled token under the distribution it was drawn from, log_softmax(logits / T) in fp32 (before
-    nucleus truncation; 0 for greedy decoding, a point mass, and after eos), for rollout/trainer mismatch checks."""
+    nucleus truncation; 0 for greedy decoding, a point mass, and after eos), for rollout/trainer mismatch checks.
+    ``lean``: decode steps of Qwen2 / Llama models run train/models/lean_decode.py (the same logits without the
+    Hugging Face forward's per-module Python); False, or a model it does not cover, keeps the Hugging Face forward."""
     if is_ssm(model):  # attention-free: no KV cache, the constant-size recurrent state (train/models/ssm_decode.py)
         from train.models import ssm_decode  # it imports sample_tokens from here
 
@@ -100,6 +102,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     if group_size > 1:  # one prefill per prompt; its samples start from copies of its cache rows
         cache.batch_repeat_interleave(group_size)
         logits, mask, positions = (t.repeat_interleave(group_size, 0) for t in (logits, mask, positions))
+    decode = LeanDecoder.of(model) if lean else None
     rows = torch.arange(batch, device=input_ids.device)  # output row of each batch row still in the cache
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)  # finished rows still in the cache
     position = positions[:, -1:]
@@ -119,6 +122,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             rows, mask, position, token, done = rows[keep], mask[keep], position[keep], token[keep], done[keep]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         position = position + 1
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
-                       use_cache=True).logits[:, -1]
+        if decode is not None:
+            logits = decode(token, position, decode.attention_mask(mask), cache)
+        else:
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
+                           use_cache=True).logits[:, -1]
     return (out, out_logprobs) if return_logprobs else out

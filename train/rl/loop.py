@@ -22,6 +22,7 @@ from train.rl.rounds import Rounds
 from train.rl.step_metrics import PhaseTimer, sample_table, skipped_step_metrics, step_metrics
 from train.rl.update_batches import pack_updates
 from train.rl.weight_sync import WeightSync
+from train.workers.ray_session import object_refs_held
 from train.workers.run_stops import BadSteps
 
 
@@ -83,6 +84,7 @@ class RLLoop:
                                lr=lr, tokens=sum(u.tokens for u in updates), seconds=self.timer.seconds,
                                worker_restarts=self.actors.rollout_pool.restarts, kl_in_reward=algorithm.kl_reward is not None)
         metrics["train/skipped_steps"] = stats.get("skipped", 0.0) / self.data_parallel  # non-finite, not applied
+        metrics["perf/ray_object_refs"] = object_refs_held()  # flat unless refs leak (bench/faults.py soak)
         if hasattr(self.setup.sampler, "metrics"):
             metrics.update(self.setup.sampler.metrics())
         self.logger.log(metrics, step + 1)

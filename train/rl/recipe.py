@@ -37,6 +37,8 @@ def run(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> 
     from train.rl.setup import RLSetup
     from train.rl.startup import start_actors
     from train.workers.actors import TrainerFailure
+    from train.workers.cluster_watch import ClusterWatch
+    from train.workers.ray_session import init_ray
     from train.workers.run_stops import stop_message
 
     run_dir = Path(cfg.run_dir)
@@ -49,6 +51,9 @@ def run(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> 
     loop = None
     try:  # a failure in start-up (a trainer rank stuck past cluster.actor_timeout_s) names the way back too
         with ExitStack() as stack:
+            init_ray(cfg.cluster.get("ray_address"), cfg.cluster.get("ray_num_cpus"))
+            stack.enter_context(ClusterWatch.of_this_driver(  # a lost Ray head: our stop line, not Ray's exit
+                run_dir, lambda: loop.step_count if loop is not None else None, cfg.cluster.get("head_timeout_s", 30)))
             actors = stack.enter_context(start_actors(cfg, setup.start_path, setup.model_path, setup.driver_rewards,
                                                       setup.algorithm.kl_beta))
             logger = RunLogger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))

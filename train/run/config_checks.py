@@ -438,10 +438,19 @@ def check_actor_timeout(cluster: DictConfig) -> None:
              "rollout or reward worker) or null (no limit)")
 
 
+def check_head_timeout(cluster: DictConfig) -> None:
+    """``cluster.head_timeout_s``: how long the Ray head may be unreachable (train/workers/cluster_watch.py)."""
+    limit = cluster.get("head_timeout_s", 30)
+    _require(limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0),
+             f"cluster.head_timeout_s={limit} must be a number of seconds > 0 (below Ray's 60 s GCS reconnect limit) "
+             "or null (no watch of the Ray head)")
+
+
 def check_fault_limits(cfg: DictConfig) -> None:
     """The limits that turn a diverged or stuck run into a stop with a message (both recipes)."""
     check_max_bad_steps(cfg.trainer)
     check_actor_timeout(cfg.cluster)
+    check_head_timeout(cfg.cluster)
 
 
 def check_sequence_parallel_size(t: DictConfig, attn_backend: str) -> None:

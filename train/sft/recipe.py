@@ -28,6 +28,7 @@ from train.sft import curriculum
 from train.sft.curriculum import Phase
 from train.sft.loss import TokenCrossEntropy
 from train.sft.ranks import SFTRanks, start_ranks
+from train.workers.ray_session import init_ray, object_refs_held
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class SFTRun:
         self.step += 1
         stream = self.phase.stream
         metrics["train/epoch"] = stream.epoch + stream.index / max(stream.batches_per_epoch(), 1)
+        metrics["perf/ray_object_refs"] = object_refs_held()  # flat unless refs leak (bench/faults.py soak)
         if self.is_curriculum:
             metrics["train/phase"] = self.phase.index
             metrics[f"train/phase{self.phase.index}/loss"] = metrics["train/loss"]
@@ -120,6 +122,7 @@ def run(cfg: DictConfig, rank_options: list[dict] | None = None, loss_class=Toke
     curriculum.check(cfg)
     # here, not at the top: importing the recipe does not import Ray
     from train.workers.actors import TrainerFailure
+    from train.workers.cluster_watch import ClusterWatch
     from train.workers.run_stops import BadSteps, stop_message
 
     run_dir = Path(cfg.run_dir)
@@ -142,7 +145,11 @@ def run(cfg: DictConfig, rank_options: list[dict] | None = None, loss_class=Toke
     # under LoRA the ranks start from the base model and a resume restores the adapters from the DeepSpeed state
     # (the checkpoint's HF model is the merged one)
     rank_path = model_path if lora_enabled(cfg.model.get("lora")) else resume_from or model_path
-    with start_ranks(cfg, rank_path, rank_options, loss_class) as ranks:
+    init_ray(cfg.cluster.get("ray_address"), cfg.cluster.get("ray_num_cpus"))
+    sft = None
+    with (ClusterWatch.of_this_driver(run_dir, lambda: sft.step if sft is not None else None,  # a lost Ray head
+                                      cfg.cluster.get("head_timeout_s", 30)),
+          start_ranks(cfg, rank_path, rank_options, loss_class) as ranks):
         sft = SFTRun(cfg, phases, eval_sets, tokenizer, model, ranks)
         if resume_from is not None:
             sft.resume(resume_from)

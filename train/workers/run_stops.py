@@ -48,9 +48,10 @@ def stopped_at(step_count: int | None, run_dir: Path) -> str:
     return f"The run stopped {where}; the last good checkpoint is {last if last else 'none (no checkpoint was saved yet)'}."
 
 
-def stop_message(err: BaseException, step_count: int | None, run_dir: Path) -> str:
-    """``err``'s message, where the run stopped, and how to continue (the same command with trainer.resume=auto)."""
+def stop_message(err: BaseException, step_count: int | None, run_dir: Path, fix: str = "Fix the cause") -> str:
+    """``err``'s message, where the run stopped, and how to continue (``fix``, then the same command with
+    trainer.resume=auto)."""
     logs = (" (the trainer rank's own log is in Ray's session logs, /tmp/ray/session_latest/logs/worker-*.err)"
             if isinstance(err, TrainerFailure) and not isinstance(err, NonFiniteSteps) else "")
-    return (f"{err}. {stopped_at(step_count, run_dir)} Fix the cause{logs}, then rerun the same command with "
+    return (f"{err}. {stopped_at(step_count, run_dir)} {fix}{logs}, then rerun the same command with "
             f"run_dir={run_dir} and trainer.resume=auto to continue from it.")
