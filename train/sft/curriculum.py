@@ -342,8 +342,27 @@ def plan(cfg: DictConfig, tokenizer) -> tuple[list[Phase], dict]:
             tuple(p.get("freeze") or ()), tuple(p.get("unfreeze") or ()), counts,
         ))
         stats[f"data/phase{k}/documents"] = len(documents)
+        stats.update({f"data/phase{k}/{name}/documents": count for name, count in counts.items()})
         start += steps
+    synthesis = [name for name in used if from_synthesis(cur.datasets[name])]
+    if synthesis:
+        stats["data/synthesis_share"] = synthesis_share(phases, synthesis)
     return phases, stats
+
+
+def from_synthesis(source) -> bool:
+    """Whether a dataset's rows come from the synthesis pipeline: a ``synthesis`` source, or ``files`` selected by
+    pass-rate label (only ``python -m train.synthesis`` output carries those labels)."""
+    return "synthesis" in source or ("files" in source and any(source.get(k) is not None for k in SELECT_KEYS))
+
+
+def synthesis_share(phases: list[Phase], synthesis: list[str]) -> float:
+    """Share of the run's training documents that come from ``synthesis`` datasets, each phase weighted by its
+    steps (a step takes the same token budget in every phase): sum_k steps_k / steps * synth_k / docs_k, where
+    docs_k is the phase's drawn documents (``Phase.mix``) and synth_k those of the synthesis datasets."""
+    total = sum(p.steps for p in phases)
+    return sum(p.steps / total * sum(c for n, c in p.mix.items() if n in synthesis) / max(sum(p.mix.values()), 1)
+               for p in phases)
 
 
 # -- model ------------------------------------------------------------------------------------------------------------
