@@ -26,6 +26,7 @@ from data_pipelines.chat_format import chat_ids
 from data_pipelines.multiturn import document_from_messages
 from data_pipelines.packing import IGNORE_INDEX, Document, collate
 from tests.conftest import TEST_ARCH, tiny_model_path
+from train.models.document_attention import PER_DOCUMENT_SDPA
 from train.models.sequence_parallel import ATTENTION_KEY
 from train.run.config_checks import (
     ConfigError,
@@ -71,7 +72,7 @@ def _step(path, world, sp, batches, loss_fn, extras, zero_stage=0):
                          micro_batches_per_rank=len(batches) * sp // world)
     try:
         keys = group._get([r.__ray_call__.remote(_attention_key) for r in group.ranks], "attention")
-        assert keys == ([ATTENTION_KEY] * world if sp > 1 else ["sdpa"] * world)
+        assert keys == ([ATTENTION_KEY] * world if sp > 1 else [PER_DOCUMENT_SDPA] * world)
         logprobs = group.logprobs(batches)
         stats = group.train_step(batches, loss_fn, extras, keep_gradients=True)
         grads, weights = group.gradients(), group.full_state_dict()
