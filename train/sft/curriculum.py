@@ -4,8 +4,7 @@ length, learning-rate schedule and frozen parameters.
 ``curriculum`` config (configs/curriculum/*.yaml)::
 
     datasets: {name: {synthetic: {digits: 2, num_ops: [1, 2], num_samples: 3000, seed: 11}}
-                   | {files: [a.jsonl], labels: [hard], pass_rate: [0.0, 0.5]}    # labels / pass_rate: optional
-                   | {synthesis: {config: configs/synthesis/x.yaml, out_dir: DIR, labels: [easy]}}}
+                   | {files: [a.jsonl], labels: [hard], pass_rate: [0.0, 0.5]}}   # labels / pass_rate: optional
     eval:     {name: same form}                       # held-out sets, scored at eval_every and at each phase end
     phases:   [{name, mix: {dataset: weight}, steps | epochs, lr, warmup_steps, min_lr_ratio, decay,
                 samples, freeze, unfreeze}, ...]
@@ -25,7 +24,6 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -42,8 +40,7 @@ log = logging.getLogger(__name__)
 
 PHASE_KEYS = {"name", "mix", "steps", "epochs", "samples", "lr", "warmup_steps", "min_lr_ratio", "decay", "freeze", "unfreeze"}
 SYNTHETIC_KEYS = {f.name for f in dataclasses.fields(ArithmeticSpec)} | {"num_samples", "seed"}
-SELECT_KEYS = {"labels", "pass_rate"}  # difficulty selection of a files / synthesis source (synthesis output rows)
-SYNTHESIS_KEYS = {"config", "out_dir", "overrides"} | SELECT_KEYS
+SELECT_KEYS = {"labels", "pass_rate"}  # difficulty selection of a files source (`python -m train.synthesis` output rows)
 
 
 class CurriculumError(ValueError):
@@ -148,51 +145,19 @@ def _check_selection(spec, key: str) -> None:
 
 
 def _check_source(source, key: str) -> None:
-    kinds = [k for k in ("synthetic", "files", "synthesis") if k in (source or {})]
+    kinds = [k for k in ("synthetic", "files") if k in (source or {})]
     _fail(isinstance(source, (dict, DictConfig)) and len(kinds) == 1,
-          f"{key} must be {{synthetic: {{...}}}}, {{files: [...]}} or {{synthesis: {{config, out_dir}}}}, got "
-          f"{OmegaConf.to_container(source) if isinstance(source, DictConfig) else source!r}")
+          f"{key} must be {{synthetic: {{...}}}} or {{files: [...]}} (synthesis output: {{files: [<out>/filtered.jsonl], "
+          f"labels: [hard]}}), got {OmegaConf.to_container(source) if isinstance(source, DictConfig) else source!r}")
     if "synthetic" in source:
         _fail(len(source) == 1, f"{key}: a synthetic source takes no other keys than synthetic, got {sorted(source)}")
         _synthetic_specs(source.synthetic, f"{key}.synthetic")
-    elif "files" in source:
+    else:
         unknown = sorted(set(source) - {"files"} - SELECT_KEYS)
         _fail(not unknown, f"{key}: unknown key(s) {unknown}; a files source takes files, {sorted(SELECT_KEYS)}")
         _fail(len(source.files) > 0, f"{key}.files is empty")
         check_files(source.files, f"{key}.files")
         _check_selection(source, key)
-    else:
-        spec = source.synthesis
-        unknown = sorted(set(spec) - SYNTHESIS_KEYS)
-        _fail(not unknown, f"{key}.synthesis: unknown key(s) {unknown}; known: {sorted(SYNTHESIS_KEYS)}")
-        _fail(bool(spec.get("out_dir")), f"{key}.synthesis.out_dir is required (where the pipeline writes filtered.jsonl)")
-        _fail(_synthesis_config_path(spec.get("config")).is_file(),
-              f"{key}.synthesis.config={spec.get('config')!r} does not exist; the shipped configs are in configs/synthesis/")
-        _check_selection(spec, f"{key}.synthesis")
-
-
-def _synthesis_config_path(config) -> Path:
-    """``config`` as given, else relative to the repository (configs/synthesis/...); the default config if None."""
-    from train.synthesis.recipe import DEFAULT_CONFIG, REPO
-
-    if config is None:
-        return DEFAULT_CONFIG
-    path = Path(config)
-    return path if path.is_file() or path.is_absolute() else REPO / path
-
-
-def synthesis_rows(spec, name: str) -> list[dict]:
-    """Rows of ``<out_dir>/filtered.jsonl`` after running (or resuming: finished stages are skipped) the PromptCoT
-    pipeline ``python -m train.synthesis --config CONFIG --out OUT_DIR`` (train/synthesis/recipe.py), selected by
-    their measured difficulty (``labels``, ``pass_rate``)."""
-    from train.synthesis import recipe
-
-    overrides = [f"{k}={v}" for k, v in (spec.get("overrides") or {}).items()]
-    cfg = recipe.load_config(_synthesis_config_path(spec.get("config")), [*overrides, f"out_dir={spec.out_dir}"])
-    recipe.run(cfg)
-    path = Path(spec.out_dir) / recipe.FILES["filter"]
-    rows = [row for row in recipe.read_rows(path) if len(row["messages"]) > 1]  # SFT needs the worked solution
-    return select_by_difficulty(rows, spec.get("labels"), spec.get("pass_rate"), f"curriculum.datasets.{name} ({path})")
 
 
 def check(cfg: DictConfig) -> None:
@@ -239,16 +204,16 @@ def check(cfg: DictConfig) -> None:
 # -- data -------------------------------------------------------------------------------------------------------------
 def source_rows(name: str, source, split: str) -> list[dict]:
     """Validated chat rows of one named source (synthetic row ids start with ``name``)."""
-    if "synthesis" in source:
-        rows = synthesis_rows(source.synthesis, name)
-        _fail(len(rows) > 0, f"curriculum.datasets.{name}: no row of {source.synthesis.out_dir}/filtered.jsonl has "
-                             f"labels={source.synthesis.get('labels')} / pass_rate={source.synthesis.get('pass_rate')}")
-        validate_rows(rows, f"synthesis {name}")
-        return rows
     if "files" in source:
-        rows = load_split(OmegaConf.create({"source": "files", f"{split}_files": list(source.files)}), split)
-        if source.get("labels") is not None or source.get("pass_rate") is not None:
-            rows = select_by_difficulty(rows, source.get("labels"), source.get("pass_rate"), f"curriculum {name}")
+        data = OmegaConf.create({"source": "files", f"{split}_files": list(source.files)})
+        if not from_synthesis(source):
+            return load_split(data, split)
+        # synthesis output (filtered.jsonl): problems no solver solved have no worked solution; SFT trains on the rest
+        rows = select_by_difficulty(load_split(data, split, require_assistant=False), source.get("labels"),
+                                    source.get("pass_rate"), f"curriculum {name}")
+        rows = rows if split == "eval" else [r for r in rows if any(m["role"] == "assistant" for m in r["messages"])]
+        _fail(len(rows) > 0, f"curriculum.datasets.{name}: no row of {list(source.files)} with a worked solution has "
+                             f"labels={source.get('labels')} / pass_rate={source.get('pass_rate')}")
         return rows
     specs = _synthetic_specs(source.synthetic, name)
     total, seed = int(source.synthetic.num_samples), int(source.synthetic.seed)
@@ -351,9 +316,9 @@ def plan(cfg: DictConfig, tokenizer) -> tuple[list[Phase], dict]:
 
 
 def from_synthesis(source) -> bool:
-    """Whether a dataset's rows come from the synthesis pipeline: a ``synthesis`` source, or ``files`` selected by
-    pass-rate label (only ``python -m train.synthesis`` output carries those labels)."""
-    return "synthesis" in source or ("files" in source and any(source.get(k) is not None for k in SELECT_KEYS))
+    """Whether a dataset's rows come from the synthesis pipeline: ``files`` selected by pass-rate label (only
+    ``python -m train.synthesis`` output carries those labels)."""
+    return "files" in source and any(source.get(k) is not None for k in SELECT_KEYS)
 
 
 def synthesis_share(phases: list[Phase], synthesis: list[str]) -> float:

@@ -1,6 +1,6 @@
-"""Curriculum datasets picked by the synthesis pipeline's measured difficulty (train/sft/curriculum.py `synthesis` and
-`files` sources with labels / pass_rate; data_pipelines/synthesis/filtering.py select_by_difficulty): what is
-selected, the synthesis share a run logs, and errors that name the key."""
+"""Curriculum datasets picked by the synthesis pipeline's measured difficulty (train/sft/curriculum.py `files`
+sources with labels / pass_rate over `python -m train.synthesis` output; data_pipelines/synthesis/filtering.py
+select_by_difficulty): what is selected, the synthesis share a run logs, and errors that name the key."""
 
 import json
 
@@ -11,6 +11,7 @@ from data_pipelines.synthesis.filtering import select_by_difficulty
 from data_pipelines.synthesis.store import read_rows
 from train.sft import curriculum
 from train.sft.curriculum import CurriculumError
+from train.synthesis import recipe
 
 ROWS = [{"id": f"r{i}", "difficulty": {"pass_rate": p, "label": label}}
         for i, (p, label) in enumerate([(0.9, "easy"), (0.7, "easy"), (0.5, "medium"), (0.3, "medium"), (0.0, "hard")])]
@@ -37,26 +38,28 @@ def test_select_by_difficulty_rejects_unlabelled_rows_and_bad_bands():
 
 @pytest.fixture(scope="module")
 def synthesis_out(tmp_path_factory):
-    """A small run of the embedded synthesis pipeline (reference solver) through a curriculum `synthesis` source."""
+    """A small run of the embedded synthesis pipeline (reference solver), as ``python -m train.synthesis`` runs it."""
     out = tmp_path_factory.mktemp("synth")
-    source = OmegaConf.create({"synthesis": {"out_dir": str(out), "overrides": {"num_problems": 40, "difficulty.samples": 16}}})
-    rows = curriculum.source_rows("all", source, "train")
+    recipe.run(recipe.load_config(recipe.DEFAULT_CONFIG, ["num_problems=40", "difficulty.samples=16", f"out_dir={out}"]))
+    rows = curriculum.source_rows("all", OmegaConf.create({"files": [str(out / "filtered.jsonl")], "labels": None,
+                                                           "pass_rate": [0.0, 1.0]}), "train")
     return out, rows
 
 
-def test_synthesis_source_runs_the_pipeline_and_selects_by_label(synthesis_out):
+def test_files_source_selects_synthesis_rows_by_label_and_band(synthesis_out):
     out, rows = synthesis_out
     filtered = [r for r in read_rows(out / "filtered.jsonl") if len(r["messages"]) > 1]
-    assert [r["id"] for r in rows] == [r["id"] for r in filtered] and len(rows) > 0
+    assert [r["id"] for r in rows] == [r["id"] for r in filtered] and len(rows) > 0  # prompt-only rows left out
     labels = {r["difficulty"]["label"] for r in filtered}
     assert len(labels) >= 2  # the test below selects a strict subset
     label = sorted(labels)[0]
-    source = OmegaConf.create({"synthesis": {"out_dir": str(out), "labels": [label],
-                                             "overrides": {"num_problems": 40, "difficulty.samples": 16}}})
-    picked = curriculum.source_rows("picked", source, "train")  # the finished stages are resumed, not redone
+    files = [str(out / "filtered.jsonl")]
+    picked = curriculum.source_rows("picked", OmegaConf.create({"files": files, "labels": [label]}), "train")
     assert [r["id"] for r in picked] == [r["id"] for r in filtered if r["difficulty"]["label"] == label]
-    band = curriculum.source_rows("band", OmegaConf.create({"files": [str(out / "filtered.jsonl")], "pass_rate": [0.5, 1.0]}), "train")
+    band = curriculum.source_rows("band", OmegaConf.create({"files": files, "pass_rate": [0.5, 1.0]}), "train")
     assert [r["id"] for r in band] == [r["id"] for r in filtered if r["difficulty"]["pass_rate"] >= 0.5]
+    with pytest.raises(CurriculumError, match=r"curriculum\.datasets\.none: no row of .* with a worked solution"):
+        curriculum.source_rows("none", OmegaConf.create({"files": files, "labels": ["no-such-label"]}), "train")
 
 
 def test_plan_logs_the_share_of_documents_from_synthesis(synthesis_out, compose, tiny_tokenizer):
@@ -76,17 +79,14 @@ def test_plan_logs_the_share_of_documents_from_synthesis(synthesis_out, compose,
 
 
 @pytest.mark.parametrize("source, message", [
-    ({"synthesis": {"labels": ["easy"]}}, r"curriculum\.datasets\.s\.synthesis\.out_dir is required"),
-    ({"synthesis": {"out_dir": "x", "config": "configs/synthesis/none.yaml"}},
-     r"curriculum\.datasets\.s\.synthesis\.config='configs/synthesis/none.yaml' does not exist"),
-    ({"synthesis": {"out_dir": "x", "label": ["easy"]}}, r"curriculum\.datasets\.s\.synthesis: unknown key\(s\) \['label'\]"),
-    ({"synthesis": {"out_dir": "x", "labels": "easy"}}, r"curriculum\.datasets\.s\.synthesis\.labels='easy' must be a non-empty list"),
-    ({"synthesis": {"out_dir": "x", "pass_rate": [0.9, 0.1]}}, r"curriculum\.datasets\.s\.synthesis\.pass_rate: .*low <= high"),
+    ({"files": ["F"], "labels": "easy"}, r"curriculum\.datasets\.s\.labels='easy' must be a non-empty list"),
+    ({"files": ["F"], "pass_rate": [0.9, 0.1]}, r"curriculum\.datasets\.s\.pass_rate: .*low <= high"),
     ({"files": ["F"], "pass_rate": [0.2]}, r"curriculum\.datasets\.s\.pass_rate: "),
     ({"files": ["F"], "band": [0.2, 0.5]}, r"curriculum\.datasets\.s: unknown key\(s\) \['band'\]"),
     ({"synthetic": {"digits": 1, "num_samples": 3, "seed": 1}, "labels": ["easy"]},
      r"curriculum\.datasets\.s: a synthetic source takes no other keys"),
-    ({"files": ["F"], "synthesis": {"out_dir": "x"}}, r"curriculum\.datasets\.s must be \{synthetic"),
+    ({"files": ["F"], "synthesis": {"out_dir": "x"}}, r"curriculum\.datasets\.s: unknown key\(s\) \['synthesis'\]"),
+    ({"synthesis": {"out_dir": "x"}}, r"curriculum\.datasets\.s must be \{synthetic: \{\.\.\.\}\} or \{files"),
 ])
 def test_bad_selection_fails_naming_the_key(compose, tmp_path, source, message):
     data = tmp_path / "rows.jsonl"
