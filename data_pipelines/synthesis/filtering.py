@@ -41,3 +41,20 @@ def training_row(row: dict) -> dict:
     }
     validate_rows([out], f"filter stage row {row['id']!r}", require_assistant=False)
     return out
+
+
+def select_by_difficulty(rows: list[dict], labels=None, pass_rate=None, source: str = "rows") -> list[dict]:
+    """The rows of ``rows`` (filter-stage output) whose ``difficulty.label`` is in ``labels`` (None: any) and whose
+    ``difficulty.pass_rate`` lies in ``pass_rate`` = [low, high] (inclusive; None: any). A curriculum phase picks
+    its problems by measured difficulty this way. A row without these labels is an error naming ``source``."""
+    band = check_band(pass_rate) if pass_rate is not None else None
+    wanted = set(labels) if labels else None
+    selected = []
+    for row in rows:
+        difficulty = row.get("difficulty") or {}
+        if "label" not in difficulty or "pass_rate" not in difficulty:
+            raise ValueError(f"{source}: row {row.get('id')!r} has no difficulty.label / difficulty.pass_rate; select "
+                             "by difficulty only on `python -m train.synthesis` output (<out>/filtered.jsonl)")
+        if (wanted is None or difficulty["label"] in wanted) and (band is None or band[0] <= difficulty["pass_rate"] <= band[1]):
+            selected.append(row)
+    return selected

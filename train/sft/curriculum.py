@@ -3,7 +3,8 @@ length, learning-rate schedule and frozen parameters.
 
 ``curriculum`` config (configs/curriculum/*.yaml)::
 
-    datasets: {name: {synthetic: {digits: 2, num_ops: [1, 2], num_samples: 3000, seed: 11}} | {files: [a.jsonl]}}
+    datasets: {name: {synthetic: {digits: 2, num_ops: [1, 2], num_samples: 3000, seed: 11}}
+                   | {files: [a.jsonl], labels: [hard], pass_rate: [0.0, 0.5]}}   # labels / pass_rate: optional
     eval:     {name: same form}                       # held-out sets, scored at eval_every and at each phase end
     phases:   [{name, mix: {dataset: weight}, steps | epochs, lr, warmup_steps, min_lr_ratio, decay,
                 samples, freeze, unfreeze}, ...]
@@ -30,6 +31,7 @@ from data_pipelines.arithmetic import ArithmeticSpec, generate
 from data_pipelines.batching import PackedBatchStream
 from data_pipelines.loading import check_files, load_split, tokenize_rows
 from data_pipelines.packing import Document
+from data_pipelines.synthesis.filtering import check_band, select_by_difficulty
 from data_pipelines.validation import validate_rows
 from train.models.sequence_parallel import data_parallel_size, sp_size
 from train.run.lr_schedule import DECAYS, warmup_then_decay
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 PHASE_KEYS = {"name", "mix", "steps", "epochs", "samples", "lr", "warmup_steps", "min_lr_ratio", "decay", "freeze", "unfreeze"}
 SYNTHETIC_KEYS = {f.name for f in dataclasses.fields(ArithmeticSpec)} | {"num_samples", "seed"}
+SELECT_KEYS = {"labels", "pass_rate"}  # difficulty selection of a files source (`python -m train.synthesis` output rows)
 
 
 class CurriculumError(ValueError):
@@ -130,14 +133,31 @@ def _synthetic_specs(spec, key: str) -> list[ArithmeticSpec]:
     return specs
 
 
+def _check_selection(spec, key: str) -> None:
+    labels = spec.get("labels")
+    _fail(labels is None or (isinstance(labels, (list, ListConfig)) and len(labels) > 0),
+          f"{key}.labels={labels!r} must be a non-empty list of difficulty labels (e.g. [easy]) or absent")
+    if spec.get("pass_rate") is not None:
+        try:
+            check_band(spec.pass_rate)
+        except ValueError as error:
+            raise CurriculumError(f"{key}.pass_rate: {error}") from None
+
+
 def _check_source(source, key: str) -> None:
-    _fail(isinstance(source, (dict, DictConfig)) and len(source) == 1 and next(iter(source)) in ("synthetic", "files"),
-          f"{key} must be {{synthetic: {{...}}}} or {{files: [...]}}, got {OmegaConf.to_container(source) if isinstance(source, DictConfig) else source!r}")
+    kinds = [k for k in ("synthetic", "files") if k in (source or {})]
+    _fail(isinstance(source, (dict, DictConfig)) and len(kinds) == 1,
+          f"{key} must be {{synthetic: {{...}}}} or {{files: [...]}} (synthesis output: {{files: [<out>/filtered.jsonl], "
+          f"labels: [hard]}}), got {OmegaConf.to_container(source) if isinstance(source, DictConfig) else source!r}")
     if "synthetic" in source:
+        _fail(len(source) == 1, f"{key}: a synthetic source takes no other keys than synthetic, got {sorted(source)}")
         _synthetic_specs(source.synthetic, f"{key}.synthetic")
     else:
+        unknown = sorted(set(source) - {"files"} - SELECT_KEYS)
+        _fail(not unknown, f"{key}: unknown key(s) {unknown}; a files source takes files, {sorted(SELECT_KEYS)}")
         _fail(len(source.files) > 0, f"{key}.files is empty")
         check_files(source.files, f"{key}.files")
+        _check_selection(source, key)
 
 
 def check(cfg: DictConfig) -> None:
@@ -185,7 +205,16 @@ def check(cfg: DictConfig) -> None:
 def source_rows(name: str, source, split: str) -> list[dict]:
     """Validated chat rows of one named source (synthetic row ids start with ``name``)."""
     if "files" in source:
-        return load_split(OmegaConf.create({"source": "files", f"{split}_files": list(source.files)}), split)
+        data = OmegaConf.create({"source": "files", f"{split}_files": list(source.files)})
+        if not from_synthesis(source):
+            return load_split(data, split)
+        # synthesis output (filtered.jsonl): problems no solver solved have no worked solution; SFT trains on the rest
+        rows = select_by_difficulty(load_split(data, split, require_assistant=False), source.get("labels"),
+                                    source.get("pass_rate"), f"curriculum {name}")
+        rows = rows if split == "eval" else [r for r in rows if any(m["role"] == "assistant" for m in r["messages"])]
+        _fail(len(rows) > 0, f"curriculum.datasets.{name}: no row of {list(source.files)} with a worked solution has "
+                             f"labels={source.get('labels')} / pass_rate={source.get('pass_rate')}")
+        return rows
     specs = _synthetic_specs(source.synthetic, name)
     total, seed = int(source.synthetic.num_samples), int(source.synthetic.seed)
     rows = []
@@ -278,8 +307,27 @@ def plan(cfg: DictConfig, tokenizer) -> tuple[list[Phase], dict]:
             tuple(p.get("freeze") or ()), tuple(p.get("unfreeze") or ()), counts,
         ))
         stats[f"data/phase{k}/documents"] = len(documents)
+        stats.update({f"data/phase{k}/{name}/documents": count for name, count in counts.items()})
         start += steps
+    synthesis = [name for name in used if from_synthesis(cur.datasets[name])]
+    if synthesis:
+        stats["data/synthesis_share"] = synthesis_share(phases, synthesis)
     return phases, stats
+
+
+def from_synthesis(source) -> bool:
+    """Whether a dataset's rows come from the synthesis pipeline: ``files`` selected by pass-rate label (only
+    ``python -m train.synthesis`` output carries those labels)."""
+    return "files" in source and any(source.get(k) is not None for k in SELECT_KEYS)
+
+
+def synthesis_share(phases: list[Phase], synthesis: list[str]) -> float:
+    """Share of the run's training documents that come from ``synthesis`` datasets, each phase weighted by its
+    steps (a step takes the same token budget in every phase): sum_k steps_k / steps * synth_k / docs_k, where
+    docs_k is the phase's drawn documents (``Phase.mix``) and synth_k those of the synthesis datasets."""
+    total = sum(p.steps for p in phases)
+    return sum(p.steps / total * sum(c for n, c in p.mix.items() if n in synthesis) / max(sum(p.mix.values()), 1)
+               for p in phases)
 
 
 # -- model ------------------------------------------------------------------------------------------------------------
