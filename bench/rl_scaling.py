@@ -13,7 +13,7 @@ MLP 4 x width, random weights (model.tiny.arch overrides; both sides load the sa
 Response length is max_new_tokens: the random model rarely emits eos, so most responses use the whole budget.
 Peak memory is the peak resident set (VmHWM of /proc/<pid>/status) of each process: ours the driver and each Ray
 actor (trainer rank, rollout worker, reward worker), read at every step; TRL its one process.
-Threads: as in bench/rl_step.py (ours: train/run/threads.py cpu_threads; TRL: --trl-threads, default torch's).
+Threads: as in bench/rl_step.py (ours: train/run/threads.py cpu_threads; TRL: --trl-threads, default every core).
 Speed ratio = TRL median s/step / ours median s/step. On a shared machine the figures are measured under load;
 the load average at each side's start is printed.
 """
@@ -146,8 +146,7 @@ def child(side: str, width: int, length: int, group: int, args) -> dict:
 
             import torch
 
-            if args.trl_threads:
-                torch.set_num_threads(args.trl_threads)
+            torch.set_num_threads(rl_step.trl_threads(args.trl_threads))  # every core unless --trl-threads
             with contextlib.chdir(tmp):
                 out = rl_step.run_trl(cfg, rl_step.step_prompts(cfg, args.warmup + args.steps), step_args, str(Path(tmp) / "trl"))
             out["rss"] = {"TRL process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -28,12 +28,12 @@ close; tokens/s divides generated tokens by wall time, so it stays comparable wh
 Sides: "ours" is the recipe on-policy (rollout.async_steps=0: generate, then update); "ours async" is
 rollout.async_steps=1 (the next step's rollouts are generated during this step's update, so they are one policy
 version old when trained on: a different algorithm from TRL's on-policy GRPO, reported apart); TRL last.
-Threads: on CPU the recipe gives every phase all cores when phases alternate (trainer ranks cpu_count // world_size,
-rollout workers cpu_count // workers) and splits them in half when generation overlaps the update; TRL runs in
-this process with torch's default (all cores) unless --trl-threads. On a CPU shared with other jobs, a
-multi-threaded process can lose several times its speed (OpenMP threads wait for each other), so look at the load
-averages printed and compare within one run only: the speed ratios printed (of median s/step) are measured in this
-one run and are not a test.
+Threads: on CPU the recipe gives every phase all cores when phases alternate (trainer ranks cpu_count //
+world_size, rollout workers cpu_count // workers) and splits them in half when generation overlaps the update; TRL
+runs in this process on every core (os.cpu_count(), whatever OMP_NUM_THREADS the shell exports) unless
+--trl-threads. On a CPU shared with other jobs, a multi-threaded process can lose several times its speed (OpenMP
+threads wait for each other), so look at the load averages printed and compare within one run only: the speed
+ratios printed (of median s/step) are measured in this one run and are not a test.
 """
 
 from __future__ import annotations
@@ -163,6 +163,13 @@ def threads_of(cfg) -> tuple:
 
 
 # -- TRL -------------------------------------------------------------------------------------------------------
+def trl_threads(requested: int | None) -> int:
+    """Torch threads of the TRL side: ``--trl-threads``, else every core. Not torch's default: that follows an
+    OMP_NUM_THREADS inherited from the shell (``OMP_NUM_THREADS=1 python bench/rl_step.py`` would run TRL on one
+    thread while our recipe sets every process's count itself, train/run/threads.py)."""
+    return int(requested) if requested else (os.cpu_count() or 1)
+
+
 def trl_config(cfg, args, output_dir: str, **overrides):
     """GRPOConfig matching our run: one optimizer step per generation batch of P*G completions (trl 1.16:
     per_device_train_batch_size counts completions; generation_batch_size defaults to it times
@@ -367,7 +374,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["ours", "async", "trl"], default=None, help="run one side (prints its numbers)")
     parser.add_argument("--no-async", action="store_true", help="skip the rollout.async_steps=1 side")
-    parser.add_argument("--trl-threads", type=int, default=None, help="torch threads of the TRL process (default: torch's)")
+    parser.add_argument("--trl-threads", type=int, default=None, help="torch threads of the TRL process (default: every core)")
     parser.add_argument("--trl-first", action="store_true", help="run TRL before ours (load on the machine drifts)")
     parser.add_argument("--ours", nargs="*", default=[],
                         help="extra Hydra overrides of our config, e.g. trainer.row_tokens=160 (its data, reward and "
@@ -391,8 +398,7 @@ def main() -> None:
 
         def trl():
             threads = torch.get_num_threads()
-            if args.trl_threads:
-                torch.set_num_threads(args.trl_threads)
+            torch.set_num_threads(trl_threads(args.trl_threads))
             with contextlib.chdir(tmp):
                 results["trl"] = run_trl(cfg, step_prompts(cfg, args.warmup + args.steps), args, str(Path(tmp) / "trl"))
             torch.set_num_threads(threads)
