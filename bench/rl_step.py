@@ -6,6 +6,8 @@
     python bench/rl_step.py --model-path runs/<date>/<time>/checkpoints/step_1500   # a trained policy
     python bench/rl_step.py --ours data.max_seq_len=160 trainer.row_tokens=160   # rows sized to the rollouts
     python bench/rl_step.py --trl-threads 1                  # TRL's process on one torch thread
+    python bench/rl_step.py --no-async --rounds 3            # ours, TRL, TRL, ours, ours, TRL: step times pooled
+    python bench/rl_step.py --no-compile --workers 1         # ours eager, one rollout worker on every core
 
 Both sides run GRPO (beta 0 unless --beta, clip 0.2, seq-mean-token-mean = TRL loss_type "grpo", AdamW lr 2e-5,
 betas 0.9/0.95, grad clip 1.0, fp32, sdpa) on the same weights (the embedded tiny model unless --model-path),
@@ -28,6 +30,13 @@ close; tokens/s divides generated tokens by wall time, so it stays comparable wh
 Sides: "ours" is the recipe on-policy (rollout.async_steps=0: generate, then update); "ours async" is
 rollout.async_steps=1 (the next step's rollouts are generated during this step's update, so they are one policy
 version old when trained on: a different algorithm from TRL's on-policy GRPO, reported apart); TRL last.
+Ours by default: one rollout worker per core (--workers; on CPU two one-thread processes generate faster than one
+two-thread process: a decode step of a small model is many small ops that a second thread barely speeds up) and
+trainer.compile=true (the trainer rank's forward under torch.compile, train/models/compiled.py; it compiles during
+the warm-up steps, which "run total" includes; --no-compile for eager). TRL as GRPOTrainer runs by default (its
+torch_compile with --trl-compile: measured slower here, as its generate goes through the compiled model).
+--rounds N runs the sides N times in alternating order and pools their measured steps: the speed of this shared
+machine drifts over minutes, and one side measured in a slow minute would otherwise decide the ratio.
 Threads: on CPU the recipe gives every phase all cores when phases alternate (trainer ranks cpu_count //
 world_size, rollout workers cpu_count // workers) and splits them in half when generation overlaps the update; TRL
 runs in this process on every core (os.cpu_count(), whatever OMP_NUM_THREADS the shell exports) unless
@@ -71,6 +80,7 @@ def compose_config(args, run_dir: str, extra: tuple = ()):
         f"rollout.prompts_per_step={args.prompts}",
         f"rollout.max_new_tokens={args.max_new_tokens}",
         f"rollout.num_workers={args.workers}",
+        f"trainer.compile={str(getattr(args, 'compile', False)).lower()}",
         f"trainer.world_size={args.world_size}",
         f"trainer.max_steps={args.warmup + args.steps}",
         "trainer.eval_at_start=false",
@@ -160,6 +170,11 @@ def threads_of(cfg) -> tuple:
     trainer, rollout = cpu_threads(os.cpu_count() or 1, cfg.trainer.world_size, cfg.rollout.num_workers, overlap,
                                    cfg.cluster.placement)
     return cfg.trainer.get("num_threads") or trainer, cfg.rollout.get("num_threads") or rollout
+
+
+def default_workers(prompts: int) -> int:
+    """Rollout workers when --workers is not given: one per core (each on one thread), at most one per prompt."""
+    return max(1, min(os.cpu_count() or 1, prompts))
 
 
 # -- TRL -------------------------------------------------------------------------------------------------------
@@ -325,10 +340,13 @@ def report(args, sides: dict) -> None:
     ]
     print(f"\nRL step, ours vs TRL GRPOTrainer: P {args.prompts} prompts x G {args.group}, max_new_tokens "
           f"{args.max_new_tokens}, beta {args.beta}, model {args.model_path or 'embedded tiny'}; ours: world_size "
-          f"{args.world_size}, rollout workers {args.workers}{', ' + ' '.join(args.ours) if args.ours else ''}")
+          f"{args.world_size}, rollout workers {args.workers}, trainer.compile={str(getattr(args, 'compile', False)).lower()}"
+          f"{', ' + ' '.join(args.ours) if args.ours else ''}; TRL torch_compile={getattr(args, 'trl_compile', False)}")
     loads = ", ".join(f"{n} {sides[n]['load'][0]:.1f}/{sides[n]['load'][1]:.1f}" for n in names)
-    print(f"phases: mean over {args.steps} steps after {args.warmup} warm-up; torch {torch.__version__}, {os.cpu_count()} CPUs; "
-          f"1-min load average (start/end of each side): {loads}")
+    rounds = getattr(args, "rounds", 1)
+    print(f"phases: mean over {args.steps} steps after {args.warmup} warm-up"
+          f"{f', in each of {rounds} rounds (sides alternating; step times pooled)' if rounds > 1 else ''}; "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs; 1-min load average (start/end of each side): {loads}")
     header = f"{'seconds per step':66s}" + "".join(f"{n:>12s}" for n in names)
     print(header)
     print("-" * len(header))
@@ -368,7 +386,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="measured steps")
     parser.add_argument("--warmup", type=int, default=2, help="steps run first and not measured (>= 1)")
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (> 0 adds a reference model on both sides)")
-    parser.add_argument("--workers", type=int, default=1, help="ours: rollout worker actors")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="ours: rollout worker actors (default: one per core, at most P; see Threads above)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="ours without trainer.compile (default: on; the compilation falls in the warm-up steps)")
+    parser.add_argument("--trl-compile", action="store_true", help="TRL with torch_compile=True (its training forward)")
     parser.add_argument("--world-size", type=int, default=1, help="ours: trainer ranks")
     parser.add_argument("--model-path", default=None, help="a local HF checkpoint or run dir (default: the embedded tiny model)")
     parser.add_argument("--seed", type=int, default=0)
@@ -376,44 +398,77 @@ def main() -> None:
     parser.add_argument("--no-async", action="store_true", help="skip the rollout.async_steps=1 side")
     parser.add_argument("--trl-threads", type=int, default=None, help="torch threads of the TRL process (default: every core)")
     parser.add_argument("--trl-first", action="store_true", help="run TRL before ours (load on the machine drifts)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the sides this many times, alternating their order; the step times are pooled")
     parser.add_argument("--ours", nargs="*", default=[],
                         help="extra Hydra overrides of our config, e.g. trainer.row_tokens=160 (its data, reward and "
                         "rollout sampling keys also set TRL's prompts, reward and temperature)")
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (a step's wall time runs from the previous step's end)")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    if args.workers is None:
+        args.workers = default_workers(args.prompts)
 
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench_rl_step_") as tmp:
         cfg = compose_config(args, str(Path(tmp) / "ours"), ("rollout.async_steps=0",))
-        results = {}
+        runs: dict[str, list[dict]] = {}
 
-        def ours():
-            results["ours"] = run_ours(cfg, args.warmup)
+        def ours(tag: str) -> dict:
+            return run_ours(compose_config(args, str(Path(tmp) / f"ours{tag}"), ("rollout.async_steps=0",)), args.warmup)
 
-        def ours_async():
-            results["async"] = run_ours(compose_config(args, str(Path(tmp) / "async"), ("rollout.async_steps=1",)), args.warmup)
+        def ours_async(tag: str) -> dict:
+            return run_ours(compose_config(args, str(Path(tmp) / f"async{tag}"), ("rollout.async_steps=1",)), args.warmup)
 
-        def trl():
+        def trl(tag: str) -> dict:
             threads = torch.get_num_threads()
             torch.set_num_threads(trl_threads(args.trl_threads))
-            with contextlib.chdir(tmp):
-                results["trl"] = run_trl(cfg, step_prompts(cfg, args.warmup + args.steps), args, str(Path(tmp) / "trl"))
-            torch.set_num_threads(threads)
+            try:
+                with contextlib.chdir(tmp):
+                    return run_trl(cfg, step_prompts(cfg, args.warmup + args.steps), args, str(Path(tmp) / f"trl{tag}"),
+                                   **({"torch_compile": True} if args.trl_compile else {}))
+            finally:
+                torch.set_num_threads(threads)
 
         sides = {"ours": ours, "async": ours_async, "trl": trl}
-        order = ["trl", "ours", "async"] if args.trl_first else ["ours", "async", "trl"]
-        for name in order:
-            if args.only in (None, name) and not (name == "async" and args.no_async):
-                sides[name]()
-                r = results[name]
-                print(f"{name}: {r['wall']:.3f} s/step, phases " + ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items())
-                      + f"; completion length {r['length']:.1f}", flush=True)
+        for index, name in enumerate(side_order(args)):
+            r = sides[name](str(index))
+            runs.setdefault(name, []).append(r)
+            print(f"{name}: {r['wall']:.3f} s/step, phases " + ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items())
+                  + f"; completion length {r['length']:.1f}", flush=True)
         labels = {"ours": "ours", "async": "ours async", "trl": "TRL"}
-        if len(results) >= 2:
-            report(args, {labels[n]: results[n] for n in ["ours", "async", "trl"] if n in results})
+        if len(runs) >= 2:
+            report(args, {labels[n]: merge_rounds(runs[n]) for n in ["ours", "async", "trl"] if n in runs})
+
+
+def side_order(args) -> list[str]:
+    """The sides to run, round after round (--rounds): ours, async, TRL in the first round (TRL first with
+    --trl-first), the order reversed in every other round, so that a machine that slows down or speeds up during
+    the run weighs on every side alike."""
+    order = ["trl", "ours", "async"] if args.trl_first else ["ours", "async", "trl"]
+    order = [n for n in order if args.only in (None, n) and not (n == "async" and args.no_async)]
+    return [n for r in range(args.rounds) for n in (order if r % 2 == 0 else order[::-1])]
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One side's rounds as one result: every measured step's wall time pooled (the medians are over all of them),
+    phases, lengths and rewards averaged over the rounds, the run totals averaged, the load of the first start and
+    the last end."""
+    if len(results) == 1:
+        return results[0]
+    mean = lambda key: statistics.mean(r[key] for r in results)  # noqa: E731
+    return {
+        "phases": {p: statistics.mean(r["phases"][p] for r in results) for p in results[0]["phases"]},
+        "walls": [w for r in results for w in r["walls"]],
+        "wall": statistics.mean(w for r in results for w in r["walls"]),
+        "length": mean("length"), "reward": mean("reward"), "total": mean("total"),
+        "load": (results[0]["load"][0], results[-1]["load"][1]),
+        "threads": results[0]["threads"],
+    }
 
 
 if __name__ == "__main__":

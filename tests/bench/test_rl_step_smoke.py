@@ -40,3 +40,35 @@ def test_trl_side_runs_on_every_core_unless_told(monkeypatch):
     assert bench.trl_threads(3) == 3
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert bench.trl_threads(None) == 1
+
+
+def test_rounds_alternate_the_sides_and_pool_their_steps(monkeypatch):
+    """--rounds: the order flips every round (a machine that drifts weighs on both sides alike) and the medians are
+    over every measured step of every round; --workers defaults to one per core, at most one per prompt."""
+    import os
+
+    bench = load_bench("rl_step")
+    args = SimpleNamespace(trl_first=False, only=None, no_async=True, rounds=3)
+    assert bench.side_order(args) == ["ours", "trl", "trl", "ours", "ours", "trl"]
+    args.no_async, args.rounds = False, 2
+    assert bench.side_order(args) == ["ours", "async", "trl", "trl", "async", "ours"]
+    args.only = "trl"
+    assert bench.side_order(args) == ["trl", "trl"]
+    run = lambda walls, gen, load: {"phases": {"generation": gen}, "walls": walls, "wall": sum(walls) / len(walls),  # noqa: E731
+                                     "length": 10.0 * gen, "reward": gen, "total": 2 * gen, "load": load, "threads": "t"}
+    merged = bench.merge_rounds([run([1.0, 3.0], 0.5, (0.1, 0.2)), run([2.0, 6.0, 4.0], 1.5, (0.3, 0.4))])
+    assert merged["walls"] == [1.0, 3.0, 2.0, 6.0, 4.0] and merged["wall"] == 3.2
+    assert merged["phases"] == {"generation": 1.0} and merged["length"] == 10.0 and merged["total"] == 2.0
+    assert merged["load"] == (0.1, 0.4)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert bench.default_workers(8) == 2 and bench.default_workers(1) == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert bench.default_workers(8) == 1
+
+
+def test_compose_config_turns_compile_on_only_when_asked(compose):
+    bench = load_bench("rl_step")
+    base = dict(prompts=2, group=2, max_new_tokens=8, beta=0.0, warmup=1, steps=1, seed=0, workers=2, world_size=1,
+                model_path=None, ours=[])
+    assert bench.compose_config(SimpleNamespace(**base, compile=True), "/tmp/x").trainer.compile is True
+    assert bench.compose_config(SimpleNamespace(**base), "/tmp/x").trainer.compile is False  # rl_scaling, gpu_check

@@ -13,6 +13,8 @@ Long rows (``trainer.logits_chunk_tokens``): the forward runs the model's backbo
 output head chunk by chunk over tokens (train/models/tiled_logits.py), so the full tokens x vocabulary logits are
 never held, in the forward or the backward. The setting travels on the model (``set_logits_chunk_tokens``), so
 every forward of that model (update, pi_old, reference) takes it; null keeps the full-logits path.
+
+``trainer.compile`` (train/models/compiled.py): the model's forward and the log-softmax over its logits run compiled.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from data_pipelines.packing import IGNORE_INDEX, PackedBatch, one_document_per_r
 from data_pipelines.shared_prompt import SharedPromptBatch
 from train.models import sequence_parallel
 from train.models.attention import model_inputs
+from train.models.compiled import head_logprobs
 from train.models.model_zoo import ATTENTION_FREE
-from train.models.tiled_logits import chunked_token_logprobs, label_logprobs
+from train.models.tiled_logits import chunked_token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +182,7 @@ def token_logprobs(
             hidden = _core(model).get_decoder()(**inputs, use_cache=False).last_hidden_state  # [rows, L, d]
             logprobs, entropy = _chunked(model, hidden, targets, chunk_tokens, temperature, with_entropy)
         else:
-            logprobs, entropy = label_logprobs(model(**inputs, use_cache=False).logits, targets, temperature, with_entropy)
+            logprobs, entropy = head_logprobs(model)(model(**inputs, use_cache=False).logits, targets, temperature, with_entropy)
         seq = batch.input_ids.shape[1]  # whole rows again: [rows, seq-1]
         return sp.gather(logprobs, seq), (sp.gather(entropy, seq) if entropy is not None else None)
     else:
@@ -188,8 +191,8 @@ def token_logprobs(
             hidden = causal_lm_hidden(model, batch, backend)[:, :-1]  # [rows, seq-1, d]
             return _chunked(model, hidden, targets, chunk_tokens, temperature, with_entropy)
         logits = causal_lm_logits(model, batch, backend)[:, :-1]  # [rows, seq-1, vocab]
-    # the entropy is differentiable (the RL entropy bonus); a diagnostic otherwise
-    return label_logprobs(logits, targets, temperature, with_entropy)
+    # the entropy is differentiable (the RL entropy bonus); a diagnostic otherwise. trainer.compile: fused
+    return head_logprobs(model)(logits, targets, temperature, with_entropy)
 
 
 def _chunked(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, temperature: float,

@@ -219,6 +219,7 @@ def check_sft(cfg: DictConfig) -> None:
     check_zero(cfg.trainer)
     check_logits_chunk_tokens(cfg.trainer)
     check_gradient_checkpointing(cfg.trainer)
+    check_compile(cfg.trainer)
     check_trainer_world(cfg.trainer, cfg.cluster)
     check_lora(cfg.model.get("lora"))
     check_sequence_parallel(cfg)
@@ -314,6 +315,7 @@ def check_rl(cfg: DictConfig) -> None:
     check_zero(t)
     check_logits_chunk_tokens(t)
     check_gradient_checkpointing(t)
+    check_compile(t)
     _require(t.world_size >= 1, f"trainer.world_size={t.world_size} must be >= 1")
     check_lora(cfg.model.get("lora"))
     _require(t.ppo_epochs >= 1, f"trainer.ppo_epochs={t.ppo_epochs} must be >= 1")
@@ -507,6 +509,18 @@ def check_logits_chunk_tokens(t: DictConfig) -> None:
     _require(chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1),
              f"trainer.logits_chunk_tokens={chunk!r} must be an integer >= 1 (tokens per logits chunk, e.g. 4096) "
              "or null (the full logits)")
+
+
+def check_compile(t: DictConfig) -> None:
+    """``trainer.compile``: a bool; on CPU, torch.compile's kernels need a C++ compiler on this machine."""
+    import torch
+
+    from train.models.compiled import compiler_problem
+
+    compiled = t.get("compile", False)
+    _require(isinstance(compiled, bool), f"trainer.compile={compiled!r} must be true or false")
+    problem = compiler_problem(torch.cuda.is_available()) if compiled else None
+    _require(problem is None, problem or "")
 
 
 def check_gradient_checkpointing(t: DictConfig) -> None:

@@ -31,6 +31,7 @@ import torch
 from data_pipelines.packing import PackedBatch
 from train.models import lora as lora_adapters
 from train.models import sequence_parallel
+from train.models.compiled import compile_forward
 from train.models.forward import set_logits_chunk_tokens, token_logprobs
 from train.models.model_zoo import load_model
 from train.models.runtime import component_dtype
@@ -210,6 +211,8 @@ class PolicyTrainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.config
         )
+        if trainer_cfg.get("compile", False):  # torch.compile of the forward and the log-softmax (train/models/compiled.py)
+            compile_forward(self.engine)
         # the torch optimizer under DeepSpeed's ZeRO wrapper holds the param groups whose lr the schedule sets
         self.lr_schedule = warmup_then_decay(self.engine.basic_optimizer, float(trainer_cfg["lr"]),
                                              int(trainer_cfg.get("warmup_steps", 0)), int(trainer_cfg.get("max_steps", 1)),
