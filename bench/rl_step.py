@@ -80,7 +80,7 @@ def compose_config(args, run_dir: str, extra: tuple = ()):
         f"rollout.prompts_per_step={args.prompts}",
         f"rollout.max_new_tokens={args.max_new_tokens}",
         f"rollout.num_workers={args.workers}",
-        f"trainer.compile={str(getattr(args, 'compile', False)).lower()}",
+        f"trainer.compile={compile_flag(args)}",
         f"trainer.world_size={args.world_size}",
         f"trainer.max_steps={args.warmup + args.steps}",
         "trainer.eval_at_start=false",
@@ -100,6 +100,12 @@ def compose_config(args, run_dir: str, extra: tuple = ()):
     with open_dict(cfg):
         cfg.run_dir = run_dir
     return cfg
+
+
+def compile_flag(args) -> str:
+    """trainer.compile of our side, as a Hydra value: --no-compile turns it off; callers without the option
+    (bench/rl_scaling.py, bench/gpu_check.py) run eager."""
+    return str(getattr(args, "compile", False)).lower()
 
 
 def step_prompts(cfg, num_steps: int) -> list[list]:
@@ -340,7 +346,7 @@ def report(args, sides: dict) -> None:
     ]
     print(f"\nRL step, ours vs TRL GRPOTrainer: P {args.prompts} prompts x G {args.group}, max_new_tokens "
           f"{args.max_new_tokens}, beta {args.beta}, model {args.model_path or 'embedded tiny'}; ours: world_size "
-          f"{args.world_size}, rollout workers {args.workers}, trainer.compile={str(getattr(args, 'compile', False)).lower()}"
+          f"{args.world_size}, rollout workers {args.workers}, trainer.compile={compile_flag(args)}"
           f"{', ' + ' '.join(args.ours) if args.ours else ''}; TRL torch_compile={getattr(args, 'trl_compile', False)}")
     loads = ", ".join(f"{n} {sides[n]['load'][0]:.1f}/{sides[n]['load'][1]:.1f}" for n in names)
     rounds = getattr(args, "rounds", 1)

@@ -19,8 +19,6 @@ On CPU the compiler writes C++ kernels and needs a C++ compiler (``compiler_prob
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 
 import torch
 
@@ -30,28 +28,33 @@ COMPILED_ATTRIBUTE = "compiled_forward"  # set on the model by compile_forward
 
 
 def compiler_problem(on_gpu: bool) -> str | None:
-    """Why ``torch.compile`` could not build kernels on this machine, or None. CPU kernels are C++ built by the
-    compiler in $CXX, else g++, c++ or clang++ on the PATH (what inductor looks for)."""
+    """Why ``torch.compile`` could not build kernels on this machine, or None. CPU kernels are C++: inductor's own
+    search (``cpp_builder.get_cpp_compiler``: ``torch._inductor.config.cpp.cxx``, i.e. $CXX as set when torch
+    imported it, else g++) must find a compiler that runs."""
     if on_gpu:
         return None
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    if any(shutil.which(c) for c in candidates):
-        return None
-    return (f"trainer.compile=true on CPU needs a C++ compiler for torch.compile's kernels ({' / '.join(candidates)} "
-            "not found): install one (apt-get install g++) or set trainer.compile=false")
+    from torch._inductor import config
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        tried = " / ".join(c for c in config.cpp.cxx if c)
+        return (f"trainer.compile=true on CPU needs a C++ compiler for torch.compile's kernels ({tried} not found): "
+                "install one (apt-get install g++, or set CXX) or set trainer.compile=false")
+    return None
 
 
-def compile_forward(model) -> None:
-    """Compile ``model``'s forward (a DeepSpeed engine: ``engine.compile``; a plain module: ``module.compile``) with
-    dynamic shapes, and make ``token_logprobs`` of it use the compiled ``label_logprobs``."""
+def compile_forward(engine) -> None:
+    """Compile a DeepSpeed ``engine``'s forward (``engine.compile``: its module's ``__call__``) with dynamic shapes, and
+    make ``token_logprobs`` of it use the compiled ``label_logprobs``. Checks the compiler again here: a rank may run
+    on another node than the driver that checked the config."""
     problem = compiler_problem(torch.cuda.is_available())
     if problem:
         raise RuntimeError(problem)
-    if hasattr(model, "module"):  # DeepSpeed engine
-        model.compile(compile_kwargs={"dynamic": True})
-    else:
-        model.compile(dynamic=True)
-    setattr(getattr(model, "module", model), COMPILED_ATTRIBUTE, True)
+    engine.compile(compile_kwargs={"dynamic": True})
+    setattr(engine.module, COMPILED_ATTRIBUTE, True)
 
 
 def is_compiled(model) -> bool:
