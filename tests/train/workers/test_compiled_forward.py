@@ -79,9 +79,12 @@ def test_compiled_rank_takes_the_plain_step(model_path, compose):  # noqa: F811
         ray.shutdown()
 
 
-def test_compile_needs_a_cpp_compiler_on_cpu(monkeypatch, tmp_path):
-    from torch._inductor import config
+def test_compile_needs_a_cpp_compiler_on_cpu(monkeypatch, tmp_path, request):
+    from torch._inductor import config, cpp_builder
 
+    # inductor memoises its compiler search (per search tuple): forget what earlier tests found, and what this finds
+    cpp_builder.cpp_compiler_search.cache_clear()
+    request.addfinalizer(cpp_builder.cpp_compiler_search.cache_clear)
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no g++
     monkeypatch.setattr(config.cpp, "cxx", (None, "g++"))  # inductor's search without $CXX
     problem = compiled.compiler_problem(on_gpu=False)
@@ -91,8 +94,6 @@ def test_compile_needs_a_cpp_compiler_on_cpu(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
         check_compile(OmegaConf.create({"compile": True}))
     check_compile(OmegaConf.create({"compile": False}))  # off: nothing is needed
-    from torch._inductor import config
-
     monkeypatch.setattr(config.cpp, "cxx", (None, "/usr/bin/true"))  # $CXX when torch imported inductor: wins over PATH
     assert compiled.compiler_problem(on_gpu=False) is None
 
